@@ -1,0 +1,269 @@
+"""Pure NumPy math of the layers, NHWC, no state: every forward sits beside its backward."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+POOL_MODES = ("max", "average")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_rank(name: str, array: np.ndarray, rank: int, layout: str) -> None:
+    if np.ndim(array) != rank:
+        raise ValueError(
+            f"`{name}` must be a {rank}-D array {layout}, got shape {np.shape(array)}."
+        )
+
+
+def _check_window(name: str, size: int, f: int, stride: int) -> int:
+    """Return the number of window positions along one axis, or raise a clear error."""
+    if f < 1 or stride < 1:
+        raise ValueError(f"kernel size and stride must be >= 1, got f={f}, stride={stride}.")
+    if f > size:
+        raise ValueError(
+            f"kernel size {f} is larger than the (padded) input {name} of {size}."
+        )
+    return (size - f) // stride + 1
+
+
+# ----------------------------------------------------------------------------- padding, patches
+
+
+def zero_pad(X: np.ndarray, pad: int) -> np.ndarray:
+    """Pad (m, H, W, C) images with `pad` zeros on H and W only -> (m, H+2p, W+2p, C)."""
+    _check_rank("X", X, 4, "(m, n_H, n_W, n_C)")
+    if pad < 0:
+        raise ValueError(f"`pad` must be >= 0, got {pad}.")
+    if pad == 0:
+        return X
+    return np.pad(X, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+
+def _patches(X_pad: np.ndarray, f: int, stride: int) -> np.ndarray:
+    """View (m, H, W, C) as (m, n_H, n_W, f, f, C) windows; no copy (stride tricks)."""
+    m, H, W, C = X_pad.shape
+    n_H = _check_window("height", H, f, stride)
+    n_W = _check_window("width", W, f, stride)
+    sm, sh, sw, sc = X_pad.strides
+    return as_strided(
+        X_pad,
+        shape=(m, n_H, n_W, f, f, C),
+        strides=(sm, sh * stride, sw * stride, sh, sw, sc),
+        writeable=False,
+    )
+
+
+def _offset_view(X: np.ndarray, di: int, dj: int, stride: int, n_H: int, n_W: int) -> np.ndarray:
+    """The (m, n_H, n_W, C) view of X hit by kernel offset (di, dj) at every window position."""
+    return X[:, di : di + stride * (n_H - 1) + 1 : stride, dj : dj + stride * (n_W - 1) + 1 : stride]
+
+
+# ----------------------------------------------------------------------------- convolution
+
+
+def im2col(A_prev: np.ndarray, f: int, stride: int, pad: int) -> np.ndarray:
+    """Unfold (m, H, W, C) into a (m * n_H * n_W, f * f * C) matrix of receptive fields."""
+    patches = _patches(zero_pad(A_prev, pad), f, stride)
+    return patches.reshape(-1, f * f * A_prev.shape[3])  # the one copy of the forward pass
+
+
+def _check_conv(A_prev: np.ndarray, W: np.ndarray) -> None:
+    _check_rank("A_prev", A_prev, 4, "(m, n_H_prev, n_W_prev, n_C_prev)")
+    _check_rank("W", W, 4, "(f, f, n_C_prev, n_C)")
+    if W.shape[0] != W.shape[1]:
+        raise ValueError(f"`W` must have a square kernel (f, f, n_C_prev, n_C), got {W.shape}.")
+    if W.shape[2] != A_prev.shape[3]:
+        raise ValueError(
+            f"`W` expects {W.shape[2]} input channels but `A_prev` has {A_prev.shape[3]}."
+        )
+
+
+def conv_output_shape(input_shape: tuple, f: int, stride: int, pad: int, n_C: int) -> tuple:
+    """(H, W, C_prev) -> (n_H, n_W, n_C) of a convolution; raises if the kernel does not fit."""
+    n_H = _check_window("height", input_shape[0] + 2 * pad, f, stride)
+    n_W = _check_window("width", input_shape[1] + 2 * pad, f, stride)
+    return (n_H, n_W, n_C)
+
+
+def conv_forward(
+    A_prev: np.ndarray, W: np.ndarray, b: np.ndarray, stride: int = 1, pad: int = 0
+) -> np.ndarray:
+    """Convolve (m, H, W, C_prev) with W (f, f, C_prev, C) plus b (1, 1, 1, C) -> (m, n_H, n_W, C)."""
+    _check_conv(A_prev, W)
+    Z, _ = conv_forward_cols(A_prev, W, b, stride, pad)
+    return Z
+
+
+def conv_forward_cols(
+    A_prev: np.ndarray, W: np.ndarray, b: np.ndarray, stride: int, pad: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """conv_forward that also returns its im2col matrix, for reuse by the backward pass."""
+    f, n_C = W.shape[0], W.shape[3]
+    m = A_prev.shape[0]
+    n_H, n_W, _ = conv_output_shape(A_prev.shape[1:], f, stride, pad, n_C)
+    cols = im2col(A_prev, f, stride, pad)
+    Z = cols @ W.reshape(-1, n_C)
+    Z += b.reshape(n_C)
+    return Z.reshape(m, n_H, n_W, n_C), cols
+
+
+def conv_weight_grad(dZ: np.ndarray, cols: np.ndarray, W_shape: tuple) -> tuple:
+    """(dW, db) of a convolution from dZ (m, n_H, n_W, C) and its forward im2col matrix."""
+    n_C = dZ.shape[3]
+    dZ2 = dZ.reshape(-1, n_C)
+    dW = (dZ2.T @ cols).T.reshape(W_shape)  # (C, rows) @ (rows, ffC): the faster orientation
+    db = dZ2.sum(axis=0).reshape(1, 1, 1, n_C)
+    return dW, db
+
+
+def conv_input_grad(dZ: np.ndarray, W: np.ndarray, input_shape: tuple, stride: int, pad: int):
+    """dA_prev (m, H, W, C_prev) of a convolution, given dZ (m, n_H, n_W, C)."""
+    m, n_H, n_W, n_C = dZ.shape
+    f, _, n_C_prev, _ = W.shape
+    H_pad, W_pad = input_shape[1] + 2 * pad, input_shape[2] + 2 * pad
+    if stride == 1:
+        # The input gradient of a stride-1 convolution is a "full" convolution of dZ with the
+        # kernel flipped in both spatial axes and its channel axes swapped.
+        W_flip = W[::-1, ::-1].transpose(0, 1, 3, 2).reshape(-1, n_C_prev)
+        dA_pad = (im2col(dZ, f, 1, f - 1) @ W_flip).reshape(m, H_pad, W_pad, n_C_prev)
+    else:
+        # col2im: scatter each kernel offset's share back; overlapping windows accumulate.
+        dcols = (dZ.reshape(-1, n_C) @ W.reshape(-1, n_C).T).reshape(m, n_H, n_W, f, f, n_C_prev)
+        dA_pad = np.zeros((m, H_pad, W_pad, n_C_prev), dtype=dZ.dtype)
+        for di in range(f):
+            for dj in range(f):
+                _offset_view(dA_pad, di, dj, stride, n_H, n_W)[...] += dcols[:, :, :, di, dj]
+    return dA_pad[:, pad : pad + input_shape[1], pad : pad + input_shape[2]]
+
+
+def conv_backward(
+    dZ: np.ndarray, A_prev: np.ndarray, W: np.ndarray, stride: int = 1, pad: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients (dA_prev, dW, db) of conv_forward, shaped like A_prev, W and b."""
+    _check_conv(A_prev, W)
+    cols = im2col(A_prev, W.shape[0], stride, pad)
+    dW, db = conv_weight_grad(dZ, cols, W.shape)
+    return conv_input_grad(dZ, W, A_prev.shape, stride, pad), dW, db
+
+
+# ----------------------------------------------------------------------------- pooling
+
+
+def _check_pool(A_prev: np.ndarray, f: int, stride: int, mode: str) -> tuple[int, int]:
+    if mode not in POOL_MODES:
+        raise ValueError(f"Invalid pooling mode: {mode!r}, expected one of {list(POOL_MODES)}.")
+    _check_rank("A_prev", A_prev, 4, "(m, n_H_prev, n_W_prev, n_C)")
+    return _check_window("height", A_prev.shape[1], f, stride), _check_window(
+        "width", A_prev.shape[2], f, stride
+    )
+
+
+def pool_forward(A_prev: np.ndarray, f: int, stride: int, mode: str = "max") -> np.ndarray:
+    """Max or average pooling of (m, H, W, C) over f x f windows -> (m, n_H, n_W, C)."""
+    n_H, n_W = _check_pool(A_prev, f, stride, mode)
+    # One elementwise op per kernel offset over whole shifted views: f*f cheap passes.
+    A = _offset_view(A_prev, 0, 0, stride, n_H, n_W).copy()
+    combine = np.maximum if mode == "max" else np.add
+    for di in range(f):
+        for dj in range(f):
+            if di or dj:
+                combine(A, _offset_view(A_prev, di, dj, stride, n_H, n_W), out=A)
+    if mode == "average":
+        A *= A.dtype.type(1.0 / (f * f))
+    return A
+
+
+def pool_backward(
+    dA: np.ndarray, A_prev: np.ndarray, f: int, stride: int, mode: str = "max", A=None
+) -> np.ndarray:
+    """Gradient of pool_forward w.r.t. A_prev; `A` is the forward output if the caller has it.
+
+    Max: each window's gradient goes to its FIRST maximum in row-major order, so tied values
+    (ReLU zeros) are not double counted. Average: spread evenly. Overlapping windows add up.
+    """
+    n_H, n_W = _check_pool(A_prev, f, stride, mode)
+    dA_prev = np.zeros_like(A_prev, dtype=dA.dtype)
+    if mode == "average":
+        share = dA * dA.dtype.type(1.0 / (f * f))
+        for di in range(f):
+            for dj in range(f):
+                _offset_view(dA_prev, di, dj, stride, n_H, n_W)[...] += share
+        return dA_prev
+    if A is None:
+        A = pool_forward(A_prev, f, stride, "max")
+    unclaimed = np.ones(A.shape, dtype=bool)  # windows whose maximum is not yet found
+    for di in range(f):
+        for dj in range(f):
+            hit = _offset_view(A_prev, di, dj, stride, n_H, n_W) == A
+            hit &= unclaimed
+            unclaimed &= ~hit
+            _offset_view(dA_prev, di, dj, stride, n_H, n_W)[...] += np.where(hit, dA, 0)
+    return dA_prev
+
+
+# ----------------------------------------------------------------------------- activations, dense
+
+
+def relu(Z: np.ndarray) -> np.ndarray:
+    """max(Z, 0), elementwise."""
+    return np.maximum(Z, 0)
+
+
+def relu_backward(dA: np.ndarray, Z: np.ndarray) -> np.ndarray:
+    """Pass dA where Z > 0 and zero elsewhere (the subgradient 0 at the kink)."""
+    return np.where(Z > 0, dA, 0).astype(dA.dtype, copy=False)
+
+
+def dense_forward(A: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A (m, n_in) @ W (n_in, n_out) + b (n_out,) -> (m, n_out)."""
+    _check_rank("A", A, 2, "(m, n_in)")
+    if A.shape[1] != W.shape[0]:
+        raise ValueError(f"`A` has {A.shape[1]} features but `W` expects {W.shape[0]}.")
+    Z = A @ W
+    Z += b
+    return Z
+
+
+def dense_backward(dZ: np.ndarray, A: np.ndarray, W: np.ndarray) -> tuple:
+    """Gradients (dA, dW, db) of dense_forward."""
+    return dZ @ W.T, A.T @ dZ, dZ.sum(axis=0)
+
+
+# ----------------------------------------------------------------------------- softmax, loss
+
+
+def log_softmax(Z: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of (m, K), stable: shifting by the row max keeps exp() <= 1."""
+    shifted = Z - Z.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def softmax(Z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (m, K), shifted by the row max so large logits cannot overflow."""
+    return np.exp(log_softmax(Z))
+
+
+def softmax_cross_entropy(
+    logits: np.ndarray, labels: np.ndarray, reduction: str = "mean"
+) -> tuple[float, np.ndarray]:
+    """Cross-entropy of softmax(logits) (m, K) against integer labels (m,) -> (loss, dlogits).
+
+    `reduction="mean"` averages over rows (dlogits scaled by 1/m); `"sum"` sums them, which is
+    what partrain's models use so that gradients of disjoint chunks simply add up.
+    """
+    _check_rank("logits", logits, 2, "(m, K)")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"Invalid reduction: {reduction!r}, expected one of ['mean', 'sum'].")
+    m = logits.shape[0]
+    rows = np.arange(m)
+    logp = log_softmax(logits)
+    loss = -float(logp[rows, labels].sum())
+    dlogits = np.exp(logp)
+    dlogits[rows, labels] -= 1
+    if reduction == "mean" and m:
+        loss /= m
+        dlogits *= dlogits.dtype.type(1.0 / m)
+    return loss, dlogits

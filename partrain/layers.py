@@ -1,0 +1,367 @@
+"""Layers: small specs (parameter shapes, init) whose forward/backward call `functional`.
+
+A layer holds configuration only. Its parameters live in the model's flat vector and come in
+as a dict of views (`p["W"]`); gradients go out by writing into views of the flat gradient
+(`g["W"]`). Forward returns `(output, cache)` and backward takes that cache back, so a layer
+never keeps per-call state and one instance serves any number of concurrent evaluations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import functional as F
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One named array of a layer: its shape and how to initialise it."""
+
+    name: str
+    shape: tuple[int, ...]
+    init: str  # "he" (normal, std sqrt(2 / fan_in)), "zeros" or "ones"
+    fan_in: int = 0
+
+
+@dataclass(frozen=True)
+class Context:
+    """How a pass runs: `training` switches dropout and batch statistics on; `key` seeds it.
+
+    Every random draw is made from `key` plus the layer's index, never from global state, so a
+    caller decides exactly what randomness depends on, e.g. (seed, epoch, step, chunk).
+    """
+
+    training: bool = True
+    key: tuple[int, ...] = ()
+
+    def rng(self, stream: int) -> np.random.Generator:
+        """A generator that depends only on (key, stream)."""
+        return np.random.default_rng(np.random.SeedSequence(list(self.key) + [stream]))
+
+
+INFERENCE = Context(training=False)
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+class Layer:
+    """Base class: a parameter-free identity. Subclasses override what they need."""
+
+    short_name = "layer"  # prefix of the layer's name in a model: conv1, dense2, ...
+
+    def build(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Check the per-example input shape, remember it, return the output shape."""
+        self.input_shape = tuple(input_shape)
+        return self.input_shape
+
+    def param_specs(self) -> tuple[ParamSpec, ...]:
+        return ()
+
+    def buffer_specs(self) -> tuple[ParamSpec, ...]:
+        """Non-trainable arrays (batch-norm running statistics)."""
+        return ()
+
+    def forward(self, p: dict, x: np.ndarray, ctx: Context, index: int) -> tuple[np.ndarray, Any]:
+        return x, None
+
+    def backward(self, p: dict, cache: Any, dy: np.ndarray, g: dict, need_dx: bool):
+        """Write parameter gradients into the views `g`; return dL/dx if `need_dx`."""
+        return dy
+
+    def config(self) -> dict:
+        """JSON-ready constructor arguments; `type(self)(**config)` rebuilds the layer."""
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class Conv2D(Layer):
+    """2-D convolution of NHWC input, square kernel, zero padding. See: torch.nn.Conv2d."""
+
+    short_name = "conv"
+
+    def __init__(self, filters: int, kernel_size: int, stride: int = 1, pad: int = 0):
+        self.filters = _positive_int("filters", filters)
+        self.kernel_size = _positive_int("kernel_size", kernel_size)
+        self.stride = _positive_int("stride", stride)
+        self.pad = _positive_int("pad", pad, minimum=0)
+
+    def build(self, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(f"Conv2D expects (H, W, C) inputs, got shape {tuple(input_shape)}.")
+        self.input_shape = tuple(input_shape)
+        f = self.kernel_size
+        return F.conv_output_shape(input_shape, f, self.stride, self.pad, self.filters)
+
+    def param_specs(self):
+        f, c_in = self.kernel_size, self.input_shape[2]
+        # He et al. 2015: std sqrt(2 / fan_in) keeps activations' variance through ReLUs.
+        return (
+            ParamSpec("W", (f, f, c_in, self.filters), "he", fan_in=f * f * c_in),
+            ParamSpec("b", (1, 1, 1, self.filters), "zeros"),
+        )
+
+    def forward(self, p, x, ctx, index):
+        Z, cols = F.conv_forward_cols(x, p["W"], p["b"], self.stride, self.pad)
+        return Z, (x.shape, cols)
+
+    def backward(self, p, cache, dy, g, need_dx):
+        x_shape, cols = cache
+        dW, db = F.conv_weight_grad(dy, cols, p["W"].shape)
+        g["W"][...] = dW
+        g["b"][...] = db
+        if need_dx:
+            return F.conv_input_grad(dy, p["W"], x_shape, self.stride, self.pad)
+        return None
+
+    def config(self):
+        return {"filters": self.filters, "kernel_size": self.kernel_size,
+                "stride": self.stride, "pad": self.pad}
+
+    def __repr__(self):
+        c_in = getattr(self, "input_shape", (None,) * 3)[2]
+        c_in = "?" if c_in is None else c_in
+        return (f"Conv2D({c_in}→{self.filters}, k{self.kernel_size}, "
+                f"s{self.stride}, p{self.pad})")
+
+
+class ReLU(Layer):
+    """max(x, 0). See: torch.nn.ReLU."""
+
+    short_name = "relu"
+
+    def forward(self, p, x, ctx, index):
+        y = F.relu(x)
+        return y, y  # y > 0 exactly where x > 0: the output is the mask backward needs
+
+    def backward(self, p, cache, dy, g, need_dx):
+        return F.relu_backward(dy, cache) if need_dx else None
+
+
+class _Pool2D(Layer):
+    """Shared code of max and average pooling (no padding)."""
+
+    short_name = "pool"
+
+    mode = "max"
+
+    def __init__(self, pool_size: int, stride: int | None = None):
+        self.pool_size = _positive_int("pool_size", pool_size)
+        self.stride = self.pool_size if stride is None else _positive_int("stride", stride)
+
+    def build(self, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(
+                f"{type(self).__name__} expects (H, W, C) inputs, got {tuple(input_shape)}."
+            )
+        self.input_shape = tuple(input_shape)
+        return F.conv_output_shape(input_shape, self.pool_size, self.stride, 0, input_shape[2])
+
+    def forward(self, p, x, ctx, index):
+        y = F.pool_forward(x, self.pool_size, self.stride, self.mode)
+        return y, (x, y)
+
+    def backward(self, p, cache, dy, g, need_dx):
+        if not need_dx:
+            return None
+        x, y = cache
+        return F.pool_backward(dy, x, self.pool_size, self.stride, self.mode, A=y)
+
+    def config(self):
+        return {"pool_size": self.pool_size, "stride": self.stride}
+
+
+class MaxPool2D(_Pool2D):
+    """Max pooling; the gradient goes to each window's first maximum. See: torch.nn.MaxPool2d."""
+
+    short_name = "maxpool"
+
+    mode = "max"
+
+
+class AvgPool2D(_Pool2D):
+    """Average pooling. See: torch.nn.AvgPool2d."""
+
+    short_name = "avgpool"
+
+    mode = "average"
+
+
+class Flatten(Layer):
+    """(m, H, W, C) -> (m, H*W*C) in C order (NHWC). See: torch.nn.Flatten."""
+
+    short_name = "flatten"
+
+    def build(self, input_shape):
+        self.input_shape = tuple(input_shape)
+        return (int(np.prod(input_shape)),)
+
+    def forward(self, p, x, ctx, index):
+        return x.reshape(x.shape[0], -1), x.shape
+
+    def backward(self, p, cache, dy, g, need_dx):
+        return dy.reshape(cache) if need_dx else None
+
+
+class Dense(Layer):
+    """Fully connected layer x @ W + b, W (n_in, n_out). See: torch.nn.Linear."""
+
+    short_name = "dense"
+
+    def __init__(self, units: int):
+        self.units = _positive_int("units", units)
+
+    def build(self, input_shape):
+        if len(input_shape) != 1:
+            raise ValueError(
+                f"Dense expects flat (n_features,) inputs, got {tuple(input_shape)}; "
+                "put a Flatten() before it."
+            )
+        self.input_shape = tuple(input_shape)
+        return (self.units,)
+
+    def param_specs(self):
+        n_in = self.input_shape[0]
+        # He et al. 2015 initialisation, as for Conv2D.
+        return (
+            ParamSpec("W", (n_in, self.units), "he", fan_in=n_in),
+            ParamSpec("b", (self.units,), "zeros"),
+        )
+
+    def forward(self, p, x, ctx, index):
+        return F.dense_forward(x, p["W"], p["b"]), x
+
+    def backward(self, p, cache, dy, g, need_dx):
+        x = cache
+        np.matmul(x.T, dy, out=g["W"])
+        np.sum(dy, axis=0, out=g["b"])
+        return dy @ p["W"].T if need_dx else None
+
+    def config(self):
+        return {"units": self.units}
+
+    def __repr__(self):
+        n_in = getattr(self, "input_shape", ("?",))[0]
+        return f"Dense({n_in}→{self.units})"
+
+
+class Dropout(Layer):
+    """Inverted dropout: zero a `rate` fraction in training and scale the rest by 1/(1-rate).
+
+    Identity at inference. The mask comes from the pass's key. See: torch.nn.Dropout.
+    """
+
+    short_name = "dropout"
+
+    def __init__(self, rate: float):
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"`rate` must be in [0, 1), got {rate!r}.")
+        self.rate = float(rate)
+
+    def forward(self, p, x, ctx, index):
+        if not ctx.training or self.rate == 0.0:
+            return x, None
+        keep = ctx.rng(index).random(x.shape, dtype=x.dtype) >= self.rate
+        scale = x.dtype.type(1.0 / (1.0 - self.rate))
+        mask = keep * scale
+        return x * mask, mask
+
+    def backward(self, p, cache, dy, g, need_dx):
+        if not need_dx:
+            return None
+        return dy if cache is None else dy * cache
+
+    def config(self):
+        return {"rate": self.rate}
+
+
+class BatchNorm(Layer):
+    """Batch normalisation, per feature (dense input) or per channel (NHWC input).
+
+    Training normalises with the statistics of the examples it is given (in partrain: one
+    chunk, a "ghost batch") and reports them; the model folds them into the running
+    mean/variance buffers, which inference uses. See: torch.nn.BatchNorm1d / BatchNorm2d.
+    """
+
+    short_name = "bn"
+
+    def __init__(self, momentum: float = 0.9, eps: float = 1e-5):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}.")
+        if eps <= 0:
+            raise ValueError(f"`eps` must be > 0, got {eps!r}.")
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+
+    def build(self, input_shape):
+        if len(input_shape) not in (1, 3):
+            raise ValueError(
+                f"BatchNorm expects (n_features,) or (H, W, C) inputs, got {tuple(input_shape)}."
+            )
+        self.input_shape = tuple(input_shape)
+        return self.input_shape
+
+    def param_specs(self):
+        c = self.input_shape[-1]
+        return (ParamSpec("gamma", (c,), "ones"), ParamSpec("beta", (c,), "zeros"))
+
+    def buffer_specs(self):
+        c = self.input_shape[-1]
+        return (ParamSpec("running_mean", (c,), "zeros"), ParamSpec("running_var", (c,), "ones"))
+
+    def forward(self, p, x, ctx, index):
+        axes = tuple(range(x.ndim - 1))
+        if ctx.training:
+            mean = x.mean(axis=axes)
+            var = x.var(axis=axes)
+        else:
+            mean, var = p["running_mean"], p["running_var"]
+        inv_std = 1.0 / np.sqrt(var + x.dtype.type(self.eps))
+        x_hat = (x - mean) * inv_std
+        return x_hat * p["gamma"] + p["beta"], (x_hat, inv_std, mean, var, ctx.training)
+
+    def backward(self, p, cache, dy, g, need_dx):
+        x_hat, inv_std, _, _, training = cache
+        axes = tuple(range(dy.ndim - 1))
+        g["gamma"][...] = (dy * x_hat).sum(axis=axes)
+        g["beta"][...] = dy.sum(axis=axes)
+        if not need_dx:
+            return None
+        dx_hat = dy * p["gamma"]
+        if not training:
+            return dx_hat * inv_std  # fixed running statistics: a per-channel affine map
+        n = dy.size // dy.shape[-1]
+        # d/dx of (x - mean) / std when mean and std depend on x too (the three-term formula).
+        return (inv_std / n) * (
+            n * dx_hat - dx_hat.sum(axis=axes) - x_hat * (dx_hat * x_hat).sum(axis=axes)
+        )
+
+    def batch_stats(self, cache) -> dict[str, np.ndarray]:
+        """This pass's batch mean and (unbiased) variance, named like the buffers."""
+        x_hat, _, mean, var, _ = cache
+        n = x_hat.size // x_hat.shape[-1]
+        return {"running_mean": mean, "running_var": var * (n / max(n - 1, 1))}
+
+    def fold_stats(self, buffers: dict, stats: dict) -> None:
+        """running = momentum * running + (1 - momentum) * batch statistic, in place."""
+        for name, running in buffers.items():
+            running *= self.momentum
+            running += (1.0 - self.momentum) * stats[name]
+
+    def config(self):
+        return {"momentum": self.momentum, "eps": self.eps}
+
+
+LAYER_TYPES: dict[str, type[Layer]] = {
+    cls.__name__: cls
+    for cls in (Conv2D, ReLU, MaxPool2D, AvgPool2D, Flatten, Dense, Dropout, BatchNorm)
+}

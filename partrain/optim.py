@@ -1,0 +1,216 @@
+"""Optimizers over flat vectors (Adam, SGD) and learning-rate schedules.
+
+An optimizer's state is a dict of plain data (ints and flat NumPy arrays in the params'
+dtype), kept only by the master process; `state_dict()` / `load_state_dict()` round-trip it
+through `.npz` checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _check_lr(lr: float) -> float:
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"`lr` must be a finite number > 0, got {lr!r}.")
+    return float(lr)
+
+
+class Optimizer:
+    """Common plumbing: lazy state allocation, size checks, state_dict round trip."""
+
+    state_arrays: tuple[str, ...] = ()
+
+    def __init__(self, lr: float):
+        self.lr = _check_lr(lr)
+        self.state: dict = {"step": 0}
+
+    def _ensure_state(self, params: np.ndarray, grad: np.ndarray) -> None:
+        if grad.shape != params.shape:
+            raise ValueError(
+                f"`grad` must have the shape of `params` {params.shape}, got {grad.shape}."
+            )
+        if self.state_arrays and self.state_arrays[0] not in self.state:
+            for name in self.state_arrays:
+                self.state[name] = np.zeros_like(params)
+        elif self.state_arrays and self.state[self.state_arrays[0]].shape != params.shape:
+            raise ValueError(
+                f"Optimizer state holds {self.state[self.state_arrays[0]].size} values but "
+                f"`params` has {params.size}: load a matching state or use a new optimizer."
+            )
+        self._scratch = getattr(self, "_scratch", None)
+        if self._scratch is None or self._scratch.shape != params.shape:
+            self._scratch = np.empty_like(params)
+
+    def step(self, params: np.ndarray, grad: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def hyperparams(self) -> dict:
+        """JSON-ready constructor arguments."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """{'step': int, <array name>: copy of the flat array, ...}."""
+        return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in self.state.items()}
+
+    def load_state_dict(self, state: dict, n_params: int | None = None) -> None:
+        """Replace the state by a copy of `state`, after checking names and sizes."""
+        names = [n for n in self.state_arrays if n in state]
+        if "step" not in state or names and len(names) != len(self.state_arrays):
+            raise ValueError(
+                f"{type(self).__name__} state must hold 'step' and {list(self.state_arrays)}, "
+                f"got {sorted(state)}."
+            )
+        for name in names:
+            size = np.asarray(state[name]).size
+            if n_params is not None and size != n_params:
+                raise ValueError(
+                    f"{type(self).__name__} state '{name}' holds {size} values, expected "
+                    f"{n_params} (one per parameter)."
+                )
+        self.state = {"step": int(state["step"])}
+        self.state.update({n: np.array(state[n], copy=True) for n in names})
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams().items())
+        return f"{type(self).__name__}({args})"
+
+
+class Adam(Optimizer):
+    """Adam, Algorithm 1 of Kingma & Ba (2015), with bias correction.
+
+    For step t = 1, 2, ...::
+
+        m = b1 m + (1 - b1) g
+        v = b2 v + (1 - b2) g^2
+        m_hat = m / (1 - b1^t);  v_hat = v / (1 - b2^t)
+        params -= lr m_hat / (sqrt(v_hat) + eps)
+
+    eps is added to sqrt(v_hat), as in PyTorch and optax (scikit-learn instead folds the bias
+    correction into the step size). State: ``step`` (int t), ``m`` and ``v`` (flat arrays).
+    The update runs in place with `out=` arguments: no temporaries on the hot path.
+    """
+
+    state_arrays = ("m", "v")
+
+    def __init__(self, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
+                 eps: float = 1e-8):
+        super().__init__(lr)
+        for name, beta in (("beta1", beta1), ("beta2", beta2)):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1), got {beta!r}.")
+        if not eps > 0:
+            raise ValueError(f"`eps` must be > 0, got {eps!r}.")
+        self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+
+    def step(self, params: np.ndarray, grad: np.ndarray) -> None:
+        """One update of `params` in place from the (averaged) gradient `grad`."""
+        self._ensure_state(params, grad)
+        s = self.state
+        s["step"] += 1
+        t, b1, b2 = s["step"], self.beta1, self.beta2
+        m, v, tmp = s["m"], s["v"], self._scratch
+        m *= b1
+        np.multiply(grad, 1.0 - b1, out=tmp)
+        m += tmp                                              # m = b1 m + (1 - b1) g
+        v *= b2
+        np.multiply(grad, grad, out=tmp)
+        tmp *= 1.0 - b2
+        v += tmp                                              # v = b2 v + (1 - b2) g^2
+        np.sqrt(v, out=tmp)
+        tmp *= 1.0 / math.sqrt(1.0 - b2 ** t)
+        tmp += self.eps                                       # sqrt(v_hat) + eps
+        np.divide(m, tmp, out=tmp)
+        tmp *= self.lr / (1.0 - b1 ** t)                      # lr m_hat / (sqrt(v_hat) + eps)
+        params -= tmp
+
+    def hyperparams(self) -> dict:
+        return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional (heavy-ball) momentum, as torch.optim.SGD.
+
+    ``velocity = momentum * velocity + g``; ``params -= lr * velocity``.
+    State: ``step`` and, with momentum, ``velocity``.
+    """
+
+    def __init__(self, lr: float = 0.01, momentum: float = 0.0):
+        super().__init__(lr)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}.")
+        self.momentum = float(momentum)
+        self.state_arrays = ("velocity",) if self.momentum else ()
+
+    def step(self, params: np.ndarray, grad: np.ndarray) -> None:
+        """One update of `params` in place."""
+        self._ensure_state(params, grad)
+        self.state["step"] += 1
+        direction = grad
+        if self.momentum:
+            velocity = self.state["velocity"]
+            velocity *= self.momentum
+            velocity += grad
+            direction = velocity
+        np.multiply(direction, self.lr, out=self._scratch)
+        params -= self._scratch
+
+    def hyperparams(self) -> dict:
+        return {"lr": self.lr, "momentum": self.momentum}
+
+
+OPTIMIZERS = {"adam": Adam, "sgd": SGD}
+
+
+def optimizer_from_config(config: dict) -> Optimizer:
+    """Rebuild an optimizer from {'name': 'adam', **hyperparams}."""
+    config = dict(config)
+    name = config.pop("name", None)
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Invalid optimizer: {name!r}, expected one of {sorted(OPTIMIZERS)}.")
+    return OPTIMIZERS[name](**config)
+
+
+def optimizer_config(optimizer: Optimizer) -> dict:
+    """{'name': ..., **hyperparams}: the inverse of `optimizer_from_config`."""
+    names = {cls: name for name, cls in OPTIMIZERS.items()}
+    return {"name": names[type(optimizer)], **optimizer.hyperparams()}
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+class ConstantLR:
+    """The base learning rate at every epoch."""
+
+    def __call__(self, base_lr: float, epoch: int) -> float:
+        return base_lr
+
+    def config(self) -> dict:
+        return {"name": "constant"}
+
+
+class InverseTimeDecay:
+    """lr_epoch = lr / (1 + decay * epoch), epoch counted from 0."""
+
+    def __init__(self, decay: float):
+        if not (math.isfinite(decay) and decay >= 0):
+            raise ValueError(f"`decay` must be a finite number >= 0, got {decay!r}.")
+        self.decay = float(decay)
+
+    def __call__(self, base_lr: float, epoch: int) -> float:
+        return base_lr / (1.0 + self.decay * epoch)
+
+    def config(self) -> dict:
+        return {"name": "inverse_time", "decay": self.decay}
+
+
+def schedule_from_config(config: dict | None):
+    """Rebuild a schedule from its `config()`; None means constant."""
+    if not config or config.get("name") == "constant":
+        return ConstantLR()
+    if config.get("name") == "inverse_time":
+        return InverseTimeDecay(config["decay"])
+    raise ValueError(f"Invalid lr schedule: {config!r}, expected 'constant' or 'inverse_time'.")
