@@ -248,7 +248,7 @@ def softmax(Z: np.ndarray) -> np.ndarray:
 
 def softmax_cross_entropy(
     logits: np.ndarray, labels: np.ndarray, reduction: str = "mean"
-) -> tuple[float, np.ndarray]:
+) -> tuple[np.floating, np.ndarray]:
     """Cross-entropy of softmax(logits) (m, K) against integer labels (m,) -> (loss, dlogits).
 
     `reduction="mean"` averages over rows (dlogits scaled by 1/m); `"sum"` sums them, which is
@@ -257,10 +257,18 @@ def softmax_cross_entropy(
     _check_rank("logits", logits, 2, "(m, K)")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"Invalid reduction: {reduction!r}, expected one of ['mean', 'sum'].")
-    m = logits.shape[0]
+    m, K = logits.shape
+    labels = np.asarray(labels)
+    if labels.shape != (m,) or labels.dtype.kind not in "iu":
+        raise ValueError(
+            f"`labels` must be {m} integer class ids of shape ({m},), got {labels.dtype} "
+            f"array of shape {labels.shape}."
+        )
+    if m and (labels.min() < 0 or labels.max() >= K):
+        raise ValueError(f"`labels` must lie in [0, {K - 1}], got {labels.min()}..{labels.max()}.")
     rows = np.arange(m)
     logp = log_softmax(logits)
-    loss = -float(logp[rows, labels].sum())
+    loss = -logp[rows, labels].sum()  # a scalar of the logits' dtype
     dlogits = np.exp(logp)
     dlogits[rows, labels] -= 1
     if reduction == "mean" and m:

@@ -248,7 +248,7 @@ class Sequential:
                     batch = self.layers[i].batch_stats(caches[i])
                     for key, view in s_views.items():
                         view[...] = batch[key]
-        return LossGrad(loss, grad, n_correct, stats)
+        return LossGrad(float(loss), grad, n_correct, stats)
 
     def fold_batch_stats(self, stats: np.ndarray) -> None:
         """Fold batch statistics (laid out like `buffers`) into the running buffers in place."""
@@ -299,7 +299,7 @@ class Sequential:
         loss, correct = 0.0, 0
         for start, logits in self._batched_logits(X, batch_size):
             labels = y[start:start + len(logits)]
-            loss += F.softmax_cross_entropy(logits, labels, reduction="sum")[0]
+            loss += float(F.softmax_cross_entropy(logits, labels, reduction="sum")[0])
             correct += int((logits.argmax(axis=1) == labels).sum())
         return loss / len(X), correct / len(X)
 
