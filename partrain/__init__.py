@@ -1,11 +1,17 @@
 """partrain: data-parallel training of pure-NumPy neural networks on multicore machines."""
 
 from . import functional, layers, optim, zoo
+from .callbacks import Callback, EarlyStopping, History
 from .gradcheck import gradcheck
 from .layers import Context
 from .model import Sequential, load
+from .parallel import WorkerCrashError, WorkerError
+from .trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
 __version__ = "0.1.0"
 
-__all__ = ["Context", "Sequential", "functional", "gradcheck", "layers", "load", "optim", "zoo",
-           "__version__"]
+__all__ = [
+    "Callback", "Context", "EarlyStopping", "History", "NonFiniteLossError", "Sequential",
+    "Trainer", "TrainingInterrupted", "WorkerCrashError", "WorkerError", "functional",
+    "gradcheck", "layers", "load", "optim", "zoo", "__version__",
+]

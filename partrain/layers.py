@@ -79,6 +79,10 @@ class Layer:
         """JSON-ready constructor arguments; `type(self)(**config)` rebuilds the layer."""
         return {}
 
+    def forward_flops(self) -> int:
+        """Multiply-add FLOPs of one example's forward pass (matmuls only)."""
+        return 0
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
@@ -100,7 +104,13 @@ class Conv2D(Layer):
             raise ValueError(f"Conv2D expects (H, W, C) inputs, got shape {tuple(input_shape)}.")
         self.input_shape = tuple(input_shape)
         f = self.kernel_size
-        return F.conv_output_shape(input_shape, f, self.stride, self.pad, self.filters)
+        self.output_shape = F.conv_output_shape(input_shape, f, self.stride, self.pad,
+                                                self.filters)
+        return self.output_shape
+
+    def forward_flops(self):
+        n_H, n_W, n_C = self.output_shape
+        return 2 * n_H * n_W * n_C * self.kernel_size ** 2 * self.input_shape[2]
 
     def param_specs(self):
         f, c_in = self.kernel_size, self.input_shape[2]
@@ -228,6 +238,9 @@ class Dense(Layer):
             )
         self.input_shape = tuple(input_shape)
         return (self.units,)
+
+    def forward_flops(self):
+        return 2 * self.input_shape[0] * self.units
 
     def param_specs(self):
         n_in = self.input_shape[0]

@@ -167,6 +167,10 @@ class Sequential:
     def n_params(self) -> int:
         return self.params.size
 
+    def flops_per_example(self) -> int:
+        """Approximate FLOPs of one example's training pass: forward matmuls x 3 (fwd + bwd)."""
+        return 3 * sum(layer.forward_flops() for layer in self.layers)
+
     def _views(self, vector: np.ndarray, slots_per_layer) -> list[dict[str, np.ndarray]]:
         return [{key: vector[row.start:row.stop].reshape(row.shape) for key, row, _ in slots}
                 for slots in slots_per_layer]

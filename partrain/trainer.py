@@ -1,0 +1,406 @@
+"""Trainer: epochs, shuffling, minibatches, progress, validation, history, checkpoints.
+
+The trainer knows nothing of processes: it asks its engine (`partrain.parallel`) for the summed
+gradient of each minibatch, averages it, and applies ONE optimizer update on the master, which
+alone holds the optimizer state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import threading
+import time
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+from .callbacks import Callback, History
+from .io import FileFormatError, read_npz, write_npz
+from .model import Sequential, model_from_arrays
+from .optim import (Adam, ConstantLR, InverseTimeDecay, Optimizer, optimizer_config,
+                    optimizer_from_config, schedule_from_config)
+from .parallel import (WorkerCrashError, default_chunk_size, make_engine, resolve_n_jobs)
+
+SHUFFLE_STREAM, STEP_STREAM = 0, 1  # first key element: which kind of random draw
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the update was not applied."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) stopped training; the trainer's state is that of the last step."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"training interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _positive(name: str, value, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+    return int(value)
+
+
+class Trainer:
+    """Data-parallel minibatch training of a `Sequential` model.
+
+    Parameters
+    ----------
+    model : Sequential
+    optimizer : Optimizer, optional
+        Default `optim.Adam()`. Its state lives on the master only.
+    n_jobs : int
+        Worker processes; -1 = all cores. 1 runs in the master with no pool (debugging mode).
+    batch_size : int
+        Examples per optimizer update.
+    chunk_size : int, optional
+        Examples per task. The default depends on the model and batch size, never on n_jobs,
+        so results are identical for every n_jobs. Batch norm uses per-chunk statistics.
+    seed : int
+        Keys every random draw: shuffling by (seed, epoch), dropout by (seed, epoch, step,
+        chunk).
+    progress : bool
+        A tqdm bar per epoch on stderr.
+    lr_schedule : None, "constant", float or schedule object
+        A float d means inverse-time decay lr / (1 + d * epoch).
+    checkpoint : path, optional
+        Where to write checkpoints: every `checkpoint_every` epochs, at the end of `fit`, on
+        Ctrl-C/SIGTERM (state of the last completed step) and before a worker-crash error.
+    backend : "loky" or "dask"
+        How chunks reach workers when n_jobs > 1 (or always, for dask).
+    blas_threads : int
+        BLAS threads per worker (and in the master during `fit`); 1 avoids oversubscription.
+    max_restarts : int
+        Consecutive worker deaths tolerated (the step is recomputed) before giving up.
+    backend_options : dict, optional
+        Extra engine arguments, e.g. {"scheduler": "tcp://host:8786"} for dask.
+
+    Examples
+    --------
+    >>> from partrain import Trainer, zoo, optim
+    >>> trainer = Trainer(zoo.digits_cnn(), optim.Adam(1e-3), n_jobs=2, progress=False)
+    >>> history = trainer.fit(X, y, epochs=2)                           # doctest: +SKIP
+    """
+
+    def __init__(self, model: Sequential, optimizer: Optimizer | None = None, n_jobs: int = 1,
+                 batch_size: int = 64, chunk_size: int | None = None, seed: int = 0,
+                 progress: bool = True, lr_schedule=None, checkpoint: str | os.PathLike | None
+                 = None, checkpoint_every: int = 1, backend: str = "loky",
+                 blas_threads: int = 1, max_restarts: int = 3, backend_options: dict | None = None):
+        if not isinstance(model, Sequential):
+            raise ValueError(f"`model` must be a partrain Sequential, got {type(model).__name__}.")
+        self.model = model
+        self.optimizer = Adam() if optimizer is None else optimizer
+        if not isinstance(self.optimizer, Optimizer):
+            raise ValueError(
+                f"`optimizer` must be a partrain optimizer (optim.Adam, optim.SGD), got "
+                f"{type(optimizer).__name__}."
+            )
+        self.n_jobs = resolve_n_jobs(n_jobs)
+        self.batch_size = _positive("batch_size", batch_size)
+        self.chunk_size = _positive("chunk_size", chunk_size, allow_none=True) or \
+            default_chunk_size(model, self.batch_size)
+        self.chunk_size = min(self.chunk_size, self.batch_size)
+        self.seed = int(seed)
+        self.progress = bool(progress)
+        self.lr_schedule = _as_schedule(lr_schedule)
+        self.base_lr = self.optimizer.lr
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        self.checkpoint_every = _positive("checkpoint_every", checkpoint_every)
+        self.backend = backend
+        self.blas_threads = _positive("blas_threads", blas_threads)
+        self.max_restarts = int(max_restarts)
+        self.backend_options = dict(backend_options or {})
+        self._check_backend()
+        self.history = History()
+        self.epoch = 0  # index of the epoch in progress (= epochs completed, between epochs)
+        self.step_in_epoch = 0  # steps of `epoch` already applied
+        self._partial = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+        self.stop_training = False
+        self._engine = None
+        self._engine_finalizer = None
+
+    def _check_backend(self) -> None:
+        from .parallel import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"Invalid backend: {self.backend!r}, expected one of {sorted(BACKENDS)}."
+            )
+
+    # ------------------------------------------------------------------ engine lifecycle
+
+    @property
+    def engine(self):
+        """The gradient engine, started on first use and reused across steps and fits."""
+        if self._engine is None:
+            self._engine = make_engine(self.backend, self.model, self.chunk_size, self.n_jobs,
+                                       self.batch_size, blas_threads=self.blas_threads,
+                                       max_restarts=self.max_restarts, **self.backend_options)
+            self._engine_finalizer = weakref.finalize(self, self._engine.close)
+        return self._engine
+
+    def close(self, kill: bool = False) -> None:
+        """Shut the workers down and free shared memory; the model keeps its parameters."""
+        if self._engine is not None:
+            self._engine.close(kill=kill)
+            self._engine_finalizer.detach()
+            self._engine = None
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close(kill=exc_info[0] is not None)
+
+    # ------------------------------------------------------------------ training
+
+    def fit(self, X, y, epochs: int = 1, validation_data: tuple | None = None,
+            shuffle: bool = True, callbacks: tuple[Callback, ...] | list = ()) -> History:
+        """Train for `epochs` more epochs (finishing an interrupted one first); return history.
+
+        Raises
+        ------
+        ValueError
+            Bad arguments or data, before any worker starts.
+        NonFiniteLossError
+            The loss became NaN/inf (names epoch and step; the last checkpoint is kept).
+        KeyboardInterrupt
+            Ctrl-C or SIGTERM (`TrainingInterrupted`): a checkpoint of the last completed
+            step is written when checkpointing is on, and the workers are stopped.
+        WorkerCrashError
+            Workers kept dying; a checkpoint is written first.
+        """
+        epochs = _positive("epochs", epochs)
+        X, y = self.model.check_Xy(X, y)
+        if len(X) == 0:
+            raise ValueError("`X` must hold at least one training example, got 0.")
+        if validation_data is not None:
+            if len(validation_data) != 2:
+                raise ValueError("`validation_data` must be a pair (X_val, y_val).")
+            validation_data = self.model.check_Xy(*validation_data)
+        X, y = np.ascontiguousarray(X), np.ascontiguousarray(y)
+        self.stop_training = False
+        self._shuffle = bool(shuffle)
+        with self._signals_as_interrupts(), self._blas_limit():
+            try:
+                self.engine.bind(X, y)
+                for cb in callbacks:
+                    cb.on_train_begin(self)
+                for _ in range(epochs):
+                    self._run_epoch(X, y, validation_data, callbacks)
+                    if self.stop_training:
+                        break
+                for cb in callbacks:
+                    cb.on_train_end(self)
+            except (KeyboardInterrupt, WorkerCrashError):
+                self.close(kill=True)
+                if self.checkpoint is not None:
+                    self.save_checkpoint(self.checkpoint)
+                raise
+            except Exception:
+                self.close(kill=True)
+                raise
+        if self.checkpoint is not None:
+            self.save_checkpoint(self.checkpoint)
+        return self.history
+
+    def _epoch_order(self, n: int, epoch: int) -> np.ndarray:
+        if not self._shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, SHUFFLE_STREAM, epoch]).permutation(n)
+
+    def _run_epoch(self, X, y, validation_data, callbacks) -> None:
+        epoch, n = self.epoch, len(X)
+        n_steps = -(-n // self.batch_size)
+        self.optimizer.lr = self.lr_schedule(self.base_lr, epoch)
+        for cb in callbacks:
+            cb.on_epoch_begin(self, epoch)
+        order = self._epoch_order(n, epoch)
+        grad = np.empty_like(self.model.params)
+        bar = _progress_bar(self.progress, n_steps, epoch, self.step_in_epoch)
+        started = time.perf_counter() - self._partial["time"]
+        try:
+            for step in range(self.step_in_epoch, n_steps):
+                batch_idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+                totals = self.engine.gradient(batch_idx, (self.seed, STEP_STREAM, epoch, step),
+                                              grad)
+                if not math.isfinite(totals.loss):
+                    raise NonFiniteLossError(
+                        f"The training loss became {totals.loss} at epoch {epoch} step {step}; "
+                        "the update was not applied. Try a lower learning rate, scale the "
+                        "inputs to [0, 1] or standardise them, or use float64."
+                    )
+                grad *= grad.dtype.type(1.0 / totals.n_examples)  # the sum becomes a mean
+                with _signals_deferred():  # update and bookkeeping happen together or not at all
+                    self.optimizer.step(self.model.params, grad)
+                    p = self._partial
+                    p["loss"] += totals.loss
+                    p["correct"] += totals.n_correct
+                    p["seen"] += totals.n_examples
+                    p["time"] = time.perf_counter() - started
+                    self.step_in_epoch = step + 1
+                logs = {"loss": p["loss"] / p["seen"], "accuracy": p["correct"] / p["seen"],
+                        "examples_per_s": p["seen"] / max(p["time"], 1e-9)}
+                if bar is not None:
+                    bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['accuracy']:.3f}",
+                                    ex_s=f"{logs['examples_per_s']:,.0f}", refresh=False)
+                    bar.update(1)
+                for cb in callbacks:
+                    cb.on_batch_end(self, step, logs)
+        finally:
+            if bar is not None:
+                bar.close()
+        self._end_epoch(validation_data, callbacks)
+
+    def _end_epoch(self, validation_data, callbacks) -> None:
+        p = self._partial
+        logs = {"loss": p["loss"] / p["seen"], "accuracy": p["correct"] / p["seen"]}
+        if validation_data is not None:
+            logs["val_loss"], logs["val_accuracy"] = self.model.evaluate(*validation_data)
+        logs.update(examples_per_s=p["seen"] / max(p["time"], 1e-9), epoch_time_s=p["time"],
+                    lr=self.optimizer.lr)
+        with _signals_deferred():
+            self.history.append(logs)
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self._partial = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+        for cb in callbacks:
+            cb.on_epoch_end(self, self.epoch - 1, logs)
+        if self.checkpoint is not None and self.epoch % self.checkpoint_every == 0:
+            self.save_checkpoint(self.checkpoint)
+
+    def evaluate(self, X, y, batch_size: int = 256) -> tuple[float, float]:
+        """(mean loss, accuracy) of the current model on (X, y)."""
+        return self.model.evaluate(X, y, batch_size=batch_size)
+
+    # ------------------------------------------------------------------ context managers
+
+    def _blas_limit(self):
+        from threadpoolctl import threadpool_limits
+
+        return threadpool_limits(limits=self.blas_threads)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _signals_as_interrupts():
+        """During fit, SIGTERM raises TrainingInterrupted like Ctrl-C raises KeyboardInterrupt."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_term(signum, frame):
+            raise TrainingInterrupted(signum)
+
+        previous = signal.signal(signal.SIGTERM, on_term)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def config(self) -> dict:
+        """The trainer's settings that determine the results (JSON-ready)."""
+        return {"batch_size": self.batch_size, "chunk_size": self.chunk_size, "seed": self.seed,
+                "lr_schedule": self.lr_schedule.config(), "base_lr": self.base_lr,
+                "shuffle": getattr(self, "_shuffle", True)}
+
+    def save_checkpoint(self, path: str | os.PathLike) -> Path:
+        """Write everything needed to resume bit-for-bit to one `.npz`, atomically.
+
+        Holds params, buffers, optimizer state, epoch, step within the epoch, the partial sums
+        of an interrupted epoch, history, model, optimizer and trainer config. Random draws are
+        keyed by (seed, epoch, step), so those also fix the RNG position.
+        """
+        state = self.optimizer.state_dict()
+        arrays = {"params": self.model.params, "buffers": self.model.buffers}
+        arrays.update({f"optim.{k}": v for k, v in state.items() if isinstance(v, np.ndarray)})
+        meta = {
+            "config": self.model.config(),
+            "optimizer": {**optimizer_config(self.optimizer), "lr": self.base_lr},
+            "optimizer_step": state["step"],
+            "trainer": self.config(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "partial": self._partial,
+            "history": self.history.history,
+        }
+        return write_npz(path, "checkpoint", meta, arrays)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, **overrides) -> Trainer:
+        """Rebuild model, optimizer and trainer state from a checkpoint; `overrides` set
+        run-time options (n_jobs, progress, checkpoint, backend, ...)."""
+        meta, arrays = read_npz(path, "checkpoint")
+        try:
+            model = model_from_arrays(meta, arrays, str(path))
+            optimizer = optimizer_from_config(meta["optimizer"])
+            optimizer.load_state_dict(
+                {"step": meta["optimizer_step"],
+                 **{k[6:]: v for k, v in arrays.items() if k.startswith("optim.")}},
+                n_params=model.n_params)
+            cfg = meta["trainer"]
+            fixed = {"batch_size", "chunk_size", "seed", "lr_schedule"} & set(overrides)
+            if fixed:
+                raise ValueError(
+                    f"{sorted(fixed)} cannot change on resume: they define the run "
+                    "(use a fresh Trainer to start a different one)."
+                )
+            trainer = cls(model, optimizer, batch_size=cfg["batch_size"],
+                          chunk_size=cfg["chunk_size"], seed=cfg["seed"],
+                          lr_schedule=schedule_from_config(cfg["lr_schedule"]), **overrides)
+            trainer.base_lr = cfg["base_lr"]
+            trainer._shuffle = cfg["shuffle"]
+            trainer.epoch, trainer.step_in_epoch = meta["epoch"], meta["step_in_epoch"]
+            trainer._partial = dict(meta["partial"])
+            trainer.history = History(meta["history"])
+        except (KeyError, TypeError) as exc:
+            raise FileFormatError(
+                f"'{path}' is not a complete partrain checkpoint (missing {exc})."
+            ) from None
+        return trainer
+
+
+def _as_schedule(lr_schedule):
+    if lr_schedule is None or lr_schedule == "constant":
+        return ConstantLR()
+    if isinstance(lr_schedule, (int, float)) and not isinstance(lr_schedule, bool):
+        return InverseTimeDecay(float(lr_schedule))
+    if callable(lr_schedule) and hasattr(lr_schedule, "config"):
+        return lr_schedule
+    raise ValueError(
+        f"`lr_schedule` must be None, 'constant', a decay rate or an optim schedule, "
+        f"got {lr_schedule!r}."
+    )
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM back for a few microseconds so that state changes stay atomic."""
+    if not hasattr(signal, "pthread_sigmask") or \
+            threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _progress_bar(enabled: bool, n_steps: int, epoch: int, done: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=n_steps, initial=done, desc=f"epoch {epoch + 1}", unit="step",
+                leave=True, dynamic_ncols=True)
