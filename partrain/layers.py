@@ -378,3 +378,15 @@ LAYER_TYPES: dict[str, type[Layer]] = {
     cls.__name__: cls
     for cls in (Conv2D, ReLU, MaxPool2D, AvgPool2D, Flatten, Dense, Dropout, BatchNorm)
 }
+
+
+def register_layer(cls: type[Layer]) -> type[Layer]:
+    """Class decorator: make a custom layer rebuildable from configs (files and workers).
+
+    Worker processes import the module that defines the class, so define custom layers in an
+    importable module (not in `__main__` of an interactive session).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Layer)):
+        raise ValueError(f"`cls` must be a Layer subclass, got {cls!r}.")
+    LAYER_TYPES[cls.__name__] = cls
+    return cls

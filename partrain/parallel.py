@@ -14,6 +14,7 @@ So the result is bit-for-bit the same whichever engine, and however many workers
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import secrets
@@ -270,12 +271,20 @@ class SessionSpec:
     token: str
     model_config: dict
     arrays: dict  # name -> SharedSpec: X, y, params, buffers, batch_idx, grad_slots, stats_slots
+    imports: tuple[str, ...] = ()  # modules defining custom layers (see layers.register_layer)
+
+
+def custom_layer_modules(model: Sequential) -> tuple[str, ...]:
+    """Modules a worker must import to rebuild `model`: those of non-builtin layer classes."""
+    return tuple(sorted({type(layer).__module__ for layer in model.layers} - {"partrain.layers"}))
 
 
 class _WorkerSession:
     """A worker's attachment to one session: the rebuilt model and views of shared arrays."""
 
     def __init__(self, spec: SessionSpec):
+        for module in spec.imports:
+            importlib.import_module(module)
         self.token = spec.token
         self.model = Sequential.from_config(spec.model_config)
         self._segments, self.views = [], {}
@@ -350,6 +359,7 @@ class LokyEngine(Engine):
         self.max_restarts = max_restarts
         self._pool = None
         self._token = secrets.token_hex(8)
+        self._session: SessionSpec | None = None
         self._shared: dict[str, SharedArray] = {}
         n_slots = self.slots_needed(batch_size)
         self._share_params()
@@ -380,12 +390,16 @@ class LokyEngine(Engine):
         self._token = secrets.token_hex(8)  # workers re-attach on their next task
 
     def _spec(self) -> SessionSpec:
+        """The session description sent with each task; rebuilt only when the data change."""
         for name in ("params", "buffers"):  # the user may have replaced model.params
             if getattr(self.model, name) is not self._shared[name].array:
                 self._shared[name].array[...] = getattr(self.model, name)
                 setattr(self.model, name, self._shared[name].array)
-        return SessionSpec(self._token, self.model.config(),
-                           {name: s.spec for name, s in self._shared.items()})
+        if self._session is None or self._session.token != self._token:
+            self._session = SessionSpec(self._token, self.model.config(),
+                                        {name: s.spec for name, s in self._shared.items()},
+                                        custom_layer_modules(self.model))
+        return self._session
 
     # -- the pool
 

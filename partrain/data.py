@@ -1,0 +1,915 @@
+"""Datasets for partrain: digits, MNIST, Fashion-MNIST, SIGNS, ``.npz`` files and synthetic data."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib
+import inspect
+import logging
+import math
+import os
+import struct
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "Dataset",
+    "download",
+    "load_dataset",
+    "load_idx_pair",
+    "load_signs_file",
+    "read_idx",
+    "write_idx",
+]
+
+logger = logging.getLogger(__name__)
+
+DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "signs", "synthetic")
+"""Names accepted by :func:`load_dataset`, besides the ``"npz:PATH"`` form."""
+
+DEFAULT_DATA_DIR = "data"
+_NORMALIZE = ("scale", "standardize", "none")
+_OUTPUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_STD_EPS = 1e-8  # channels with a smaller std are only centred, never divided by ~0
+_SYNTHETIC_SIGNAL = 0.25  # weight of the class template in a synthetic image
+_CHUNK = 1 << 20
+
+# IDX type codes (http://yann.lecun.com/exdb/mnist/): all multi-byte values are big-endian.
+_IDX_TYPES = {0x08: "u1", 0x09: "i1", 0x0B: "i2", 0x0C: "i4", 0x0D: "f4", 0x0E: "f8"}
+_IDX_CODES = {np.dtype(kind): code for code, kind in _IDX_TYPES.items()}
+
+_IDX_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+# SHA-256 of the official gzip files, as listed in TensorFlow Datasets' url_checksums/mnist.txt
+# and fashion_mnist.txt; the t10k MNIST values were also checked against local copies.
+_MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz":
+        "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "train-labels-idx1-ubyte.gz":
+        "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "t10k-images-idx3-ubyte.gz":
+        "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte.gz":
+        "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
+_FASHION_MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz":
+        "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+    "train-labels-idx1-ubyte.gz":
+        "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+    "t10k-images-idx3-ubyte.gz":
+        "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+    "t10k-labels-idx1-ubyte.gz":
+        "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+}
+
+
+class DataError(ValueError):
+    """A data file or array exists but its content is corrupt or invalid."""
+
+
+@dataclass(frozen=True)
+class _IdxSource:
+    """Where the four IDX files of an MNIST-like dataset live and how to verify them."""
+
+    title: str
+    folders: tuple[str, ...]  # sub-folders of data_dir searched in order; the first gets downloads
+    mirrors: tuple[str, ...]  # base URLs, tried in order
+    sha256: dict[str, str]
+    class_names: tuple[str, ...]
+
+
+_IDX_SOURCES = {
+    "mnist": _IdxSource(
+        "MNIST",
+        ("mnist", ""),
+        (
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",
+        ),
+        _MNIST_SHA256,
+        tuple(str(i) for i in range(10)),
+    ),
+    "fashion-mnist": _IdxSource(
+        "Fashion-MNIST",
+        ("fashion-mnist",),
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        _FASHION_MNIST_SHA256,
+        (
+            "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+        ),
+    ),
+}
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Dataset:
+    """A labelled image dataset split into a training and a test set.
+
+    Attributes
+    ----------
+    name : str
+        The name the dataset was loaded under, e.g. ``"mnist"`` or ``"npz:runs/x.npz"``.
+    x_train, x_test : numpy.ndarray
+        Images in NHWC layout, shape ``(m, H, W, C)``, floating point.
+    y_train, y_test : numpy.ndarray
+        Integer class ids, shape ``(m,)``, in ``0 .. n_classes - 1``.
+    class_names : tuple of str
+        One name per class id.
+    source : str
+        Where the data came from (file paths, ``"scikit-learn load_digits"``, or a text
+        starting with ``"SYNTHETIC"``).
+    synthetic : bool
+        True for generated data that carries no real-world signal.
+
+    Raises
+    ------
+    DataError
+        If the arrays are inconsistent: wrong number of dimensions, image and label counts
+        that differ, different image shapes in train and test, or labels outside
+        ``0 .. len(class_names) - 1``.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: tuple[str, ...]
+    source: str
+    synthetic: bool = False
+
+    def __post_init__(self) -> None:
+        n_classes = len(self.class_names)
+        _check_pair(self.x_train, self.y_train, n_classes, f"Dataset {self.name!r} (train)")
+        _check_pair(self.x_test, self.y_test, n_classes, f"Dataset {self.name!r} (test)")
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise DataError(
+                f"Dataset {self.name!r}: train images are {self.x_train.shape[1:]} but test "
+                f"images are {self.x_test.shape[1:]}; both must have the same (H, W, C)."
+            )
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape ``(H, W, C)`` of one image."""
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes, ``len(class_names)``."""
+        return len(self.class_names)
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset(name={self.name!r}, train={self.x_train.shape}, test={self.x_test.shape}, "
+            f"dtype={self.x_train.dtype}, n_classes={self.n_classes}, synthetic={self.synthetic})"
+        )
+
+
+@dataclass(frozen=True)
+class _Request:
+    """The arguments of :func:`load_dataset` shared by every loader."""
+
+    name: str
+    data_dir: Path
+    normalize: str
+    dtype: np.dtype
+    download: bool
+
+
+# ------------------------------------------------------------------------------ public API
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    normalize: str = "scale",
+    dtype: npt.DTypeLike = np.float32,
+    download: bool = True,
+    **options: Any,
+) -> Dataset:
+    """Load a dataset by name.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`DATASETS` or ``"npz:PATH"``:
+
+        ``"digits"``
+            scikit-learn's 1,797 real 8x8 digit images (needs ``partrain[digits]``), split
+            into train/test by a seeded, stratified split. Options: ``test_fraction=0.2``,
+            ``split_seed=0``.
+        ``"mnist"``, ``"fashion-mnist"``
+            The four standard ``*-idx?-ubyte.gz`` files, looked up in ``data_dir/mnist/`` then
+            ``data_dir/`` (MNIST) or in ``data_dir/fashion-mnist/`` (Fashion-MNIST). Missing
+            files are downloaded into the first of these folders when ``download`` is true.
+            Every file's SHA-256 is checked against the official value.
+        ``"signs"``
+            ``train_signs`` and ``test_signs`` as ``.npz`` (keys ``x``, ``y``, ``classes``)
+            or ``.h5`` (needs ``partrain[h5]``) in ``data_dir/signs/`` or ``data_dir/``.
+            Never downloaded.
+        ``"synthetic"``
+            Seeded random images with a weak class signal, for timing experiments only.
+            Options: ``n_train=1024``, ``n_test=256``, ``shape=(28, 28, 1)``,
+            ``n_classes=10``, ``seed=0``.
+        ``"npz:PATH"``
+            Any ``.npz`` file (path relative to the current directory) holding ``x_train``,
+            ``y_train``, ``x_test``, ``y_test`` and optionally ``class_names``.
+    data_dir : str or os.PathLike, optional
+        The dataset cache folder, default ``"data"`` relative to the current directory.
+    normalize : {"scale", "standardize", "none"}
+        ``"scale"`` maps pixels to [0, 1] (uint8 / 255, digits / 16; float images of an
+        ``npz`` file are kept as they are); ``"standardize"`` subtracts the per-channel
+        mean and divides by the per-channel std of the training set (channels with std
+        below 1e-8 are only centred); ``"none"`` only casts.
+    dtype : float32 or float64
+        dtype of the returned images.
+    download : bool
+        Whether missing MNIST / Fashion-MNIST files may be downloaded.
+    **options
+        Dataset-specific options listed above.
+
+    Returns
+    -------
+    Dataset
+        Images ``(m, H, W, C)`` in ``dtype`` and int64 labels.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, ``normalize`` or ``dtype``, or an invalid option value.
+    TypeError
+        For an option the dataset does not accept.
+    FileNotFoundError
+        If a needed file is absent and cannot be downloaded.
+    DataError
+        If a file is corrupt, fails its checksum, or holds invalid arrays.
+    ImportError
+        If an optional dependency (scikit-learn, h5py) is needed but not installed.
+    """
+    out_dtype = _check_dtype(dtype)
+    _check_normalize(normalize)
+    key = "npz" if isinstance(name, str) and name.startswith("npz:") else name
+    loader = _LOADERS.get(key)
+    if loader is None:
+        raise ValueError(
+            f"Invalid dataset: {name!r}, expected one of {list(DATASETS)} or 'npz:PATH'."
+        )
+    valid = [
+        p.name for p in inspect.signature(loader).parameters.values() if p.kind is p.KEYWORD_ONLY
+    ]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"Dataset {key!r} does not accept option(s) {unknown}; "
+            f"valid options: {valid or 'none'}."
+        )
+    request = _Request(
+        name, Path(DEFAULT_DATA_DIR if data_dir is None else data_dir), normalize, out_dtype,
+        bool(download),
+    )
+    return loader(request, **options)
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an IDX file, gzip-compressed if its name ends with ``.gz``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file to read.
+
+    Returns
+    -------
+    numpy.ndarray
+        A writable array in native byte order with the dimensions stored in the file.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    DataError
+        For a bad gzip stream, a bad magic number, an unknown type code, or a payload whose
+        size differs from the product of the dimensions times the item size.
+    """
+    path = _require_file(path)
+    if path.name.endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as stream:
+                data = stream.read()
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataError(
+                f"{path}: not a valid gzip file ({exc}); delete it and fetch it again."
+            ) from exc
+    else:
+        data = path.read_bytes()
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_TYPES or data[3] == 0:
+        raise DataError(
+            f"{path}: bad IDX magic number {data[:4].hex() or '(empty file)'}; expected "
+            f"00 00, a type code in {[f'0x{c:02X}' for c in _IDX_TYPES]} and a dimension count."
+        )
+    ndim = data[3]
+    offset = 4 + 4 * ndim
+    if len(data) < offset:
+        raise DataError(f"{path}: IDX header is truncated ({len(data)} of {offset} bytes).")
+    dims = struct.unpack(f">{ndim}I", data[4:offset])
+    dtype = np.dtype(">" + _IDX_TYPES[data[2]])
+    expected = math.prod(dims) * dtype.itemsize
+    actual = len(data) - offset
+    if actual != expected:
+        problem = "truncated" if actual < expected else "followed by trailing bytes"
+        raise DataError(
+            f"{path}: IDX payload is {actual} bytes, expected {expected} for shape {dims} of "
+            f"{dtype.name}; the file is {problem}. Delete it and fetch it again."
+        )
+    array = np.frombuffer(data, dtype=dtype, offset=offset).reshape(dims)
+    return array.astype(dtype.newbyteorder("="))
+
+
+def write_idx(path: str | os.PathLike[str], array: npt.ArrayLike) -> None:
+    """Write an array as an IDX file, gzip-compressed if ``path`` ends with ``.gz``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file to write (its folder must exist).
+    array : array_like
+        1 to 255 dimensions, dtype uint8, int8, int16, int32, float32 or float64.
+
+    Raises
+    ------
+    ValueError
+        For an unsupported dtype or number of dimensions.
+    """
+    array = np.asarray(array)
+    code = _IDX_CODES.get(array.dtype.newbyteorder("="))
+    if code is None:
+        valid = [np.dtype(kind).name for kind in _IDX_TYPES.values()]
+        raise ValueError(f"`array` dtype must be one of {valid}, got {array.dtype}.")
+    if not 1 <= array.ndim <= 255:
+        raise ValueError(f"`array` must have 1 to 255 dimensions, got {array.ndim}.")
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    blob = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    path = Path(path)
+    path.write_bytes(gzip.compress(blob, mtime=0) if path.name.endswith(".gz") else blob)
+
+
+def load_idx_pair(
+    images_path: str | os.PathLike[str],
+    labels_path: str | os.PathLike[str],
+    *,
+    normalize: str = "scale",
+    dtype: npt.DTypeLike = np.float32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read an MNIST-style pair of IDX image and label files.
+
+    Parameters
+    ----------
+    images_path : str or os.PathLike
+        A 3-D uint8 IDX file ``(m, rows, cols)``.
+    labels_path : str or os.PathLike
+        A 1-D uint8 IDX file with ``m`` labels in 0..9.
+    normalize : {"scale", "standardize", "none"}
+        As in :func:`load_dataset`; ``"standardize"`` uses the statistics of these images.
+    dtype : float32 or float64
+        dtype of the returned images.
+
+    Returns
+    -------
+    images : numpy.ndarray
+        Shape ``(m, rows, cols, 1)``, dtype ``dtype``.
+    labels : numpy.ndarray
+        Shape ``(m,)``, int64.
+
+    Raises
+    ------
+    FileNotFoundError
+        If a file does not exist.
+    DataError
+        If a file is corrupt, has the wrong type or shape, the counts differ, or a label is
+        outside 0..9.
+    """
+    out_dtype = _check_dtype(dtype)
+    _check_normalize(normalize)
+    images, labels = _read_idx_pair(images_path, labels_path)
+    (images,) = _normalize((images,), normalize, out_dtype, 255.0)
+    return images, labels
+
+
+def load_signs_file(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Read one SIGNS file (``train_signs`` or ``test_signs``) in ``.h5`` or ``.npz`` form.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        An ``.h5``/``.hdf5`` file with datasets ``<split>_set_x``, ``<split>_set_y`` and
+        ``list_classes`` (needs ``partrain[h5]``), or an ``.npz`` file with ``x``, ``y``
+        and ``classes``.
+
+    Returns
+    -------
+    images : numpy.ndarray
+        Raw uint8 images ``(m, 64, 64, 3)``.
+    labels : numpy.ndarray
+        int64 class ids ``(m,)``.
+    class_names : tuple of str
+        One name per class.
+
+    Raises
+    ------
+    ValueError
+        If the file name ends with neither ``.h5``/``.hdf5`` nor ``.npz``.
+    FileNotFoundError
+        If the file does not exist.
+    DataError
+        If the file cannot be read or holds missing or invalid arrays.
+    ImportError
+        For an ``.h5`` file when h5py is not installed.
+    """
+    path = _require_file(path)
+    if path.suffix == ".npz":
+        arrays = _read_npz(path, ("x", "y", "classes"))
+        images, labels, classes = arrays["x"], arrays["y"], arrays["classes"]
+    elif path.suffix in (".h5", ".hdf5"):
+        images, labels, classes = _read_signs_h5(path)
+    else:
+        raise ValueError(f"`path` must end with .h5, .hdf5 or .npz, got {str(path)!r}.")
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise DataError(
+            f"{path}: images must be a uint8 array (m, H, W, C), got {images.dtype} {images.shape}."
+        )
+    labels = _as_labels(labels, f"{path}: labels")
+    names = _as_names(classes, f"{path}: classes")
+    _check_pair(images, labels, len(names), str(path))
+    return images, labels, names
+
+
+def download(
+    url: str,
+    dest: str | os.PathLike[str],
+    sha256: str,
+    *,
+    opener: Callable[..., Any] = urllib.request.urlopen,
+    timeout: float = 30,
+) -> Path:
+    """Download ``url`` to ``dest``, verifying its SHA-256 before the file appears.
+
+    The bytes go to a temporary file in ``dest``'s folder, which is renamed to ``dest``
+    (atomically, with :func:`os.replace`) only when the checksum matches; on any failure
+    the temporary file is deleted.
+
+    Parameters
+    ----------
+    url : str
+        What to download.
+    dest : str or os.PathLike
+        Where to store it; missing parent folders are created.
+    sha256 : str
+        Expected SHA-256, 64 hexadecimal digits.
+    opener : callable
+        ``opener(url, timeout=timeout)`` returns a context manager with a ``read(n)``
+        method, like :func:`urllib.request.urlopen` (the default).
+    timeout : float
+        Seconds before a stalled connection fails.
+
+    Returns
+    -------
+    pathlib.Path
+        ``dest``.
+
+    Raises
+    ------
+    ValueError
+        If ``sha256`` is not 64 hexadecimal digits.
+    DataError
+        If the downloaded bytes do not match ``sha256``.
+    OSError
+        For network and file-system errors (e.g. :class:`urllib.error.URLError`).
+    """
+    expected = sha256.lower()
+    if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+        raise ValueError(f"`sha256` must be 64 hexadecimal digits, got {sha256!r}.")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    temp = Path(temp_name)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out, opener(url, timeout=timeout) as response:
+            while chunk := response.read(_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != expected:
+            raise DataError(
+                f"Checksum mismatch for {dest.name} downloaded from {url}: expected SHA-256 "
+                f"{expected}, got {digest.hexdigest()}. The download was discarded; retry later "
+                "or fetch the file by hand."
+            )
+        os.replace(temp, dest)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return dest
+
+
+# ------------------------------------------------------------------------------ loaders
+
+
+def _load_idx_dataset(request: _Request) -> Dataset:
+    """Load MNIST or Fashion-MNIST, downloading missing files if allowed."""
+    source = _IDX_SOURCES[request.name]
+    folders = [request.data_dir / sub for sub in source.folders]
+    folder = next((f for f in folders if all((f / n).is_file() for n in _IDX_FILES)), folders[0])
+    missing = [n for n in _IDX_FILES if not (folder / n).is_file()]
+    failures: list[str] = []
+    if missing and request.download:
+        failures = _fetch(source, folder, missing)
+        missing = [n for n in _IDX_FILES if not (folder / n).is_file()]
+    if missing:
+        reason = (
+            "Downloading failed: " + "; ".join(failures) if failures
+            else "Pass download=True to fetch them"
+        )
+        raise FileNotFoundError(
+            f"{source.title} files missing from {folder}: {', '.join(missing)}. Put the four files "
+            f"{', '.join(_IDX_FILES)} in {folder}/ (they are published at {source.mirrors[0]}). "
+            f"{reason}."
+        )
+    for filename in _IDX_FILES:
+        _verify_sha256(folder / filename, source.sha256[filename], source.title)
+    x_train, y_train = _read_idx_pair(folder / _IDX_FILES[0], folder / _IDX_FILES[1])
+    x_test, y_test = _read_idx_pair(folder / _IDX_FILES[2], folder / _IDX_FILES[3])
+    x_train, x_test = _normalize((x_train, x_test), request.normalize, request.dtype, 255.0)
+    return Dataset(
+        request.name, x_train, y_train, x_test, y_test, source.class_names,
+        source=f"{source.title} IDX files in {folder}",
+    )
+
+
+def _load_digits(request: _Request, *, test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
+    """Load scikit-learn's 8x8 digits with a seeded, stratified train/test split."""
+    if not (isinstance(test_fraction, (int, float)) and 0 < test_fraction < 1):
+        raise ValueError(f"`test_fraction` must be a number in (0, 1), got {test_fraction!r}.")
+    datasets = _import_optional("sklearn.datasets", "digits", "The 'digits' dataset")
+    bunch = datasets.load_digits()
+    images = bunch.images[..., np.newaxis]
+    labels = bunch.target.astype(np.int64)
+    rng = np.random.default_rng(split_seed)
+    test = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        test[rng.choice(members, round(test_fraction * len(members)), replace=False)] = True
+    x_train, x_test = _normalize(
+        (images[~test], images[test]), request.normalize, request.dtype, 16.0
+    )
+    return Dataset(
+        request.name, x_train, labels[~test], x_test, labels[test],
+        tuple(str(i) for i in range(10)),
+        source=f"scikit-learn load_digits (stratified split, test_fraction={test_fraction}, "
+        f"split_seed={split_seed})",
+    )
+
+
+def _load_signs(request: _Request) -> Dataset:
+    """Load the SIGNS hand-gesture dataset from local ``.npz`` or ``.h5`` files."""
+    folders = (request.data_dir / "signs", request.data_dir)
+    paths: dict[str, Path] = {}
+    missing = []
+    for split in ("train", "test"):
+        candidates = [f / f"{split}_signs{ext}" for f in folders for ext in (".npz", ".h5")]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            missing.append(f"{split}_signs.h5 (or .npz)")
+        else:
+            paths[split] = found
+    if missing:
+        raise FileNotFoundError(
+            f"SIGNS files missing: {', '.join(missing)}. Put train_signs.h5 and test_signs.h5 "
+            f"(or train_signs.npz and test_signs.npz with arrays x, y, classes) in {folders[0]}/ "
+            f"or {folders[1]}/; SIGNS is never downloaded automatically."
+        )
+    x_train, y_train, names = load_signs_file(paths["train"])
+    x_test, y_test, test_names = load_signs_file(paths["test"])
+    if names != test_names:
+        raise DataError(
+            f"{paths['train']} has classes {names} but {paths['test']} has {test_names}."
+        )
+    x_train, x_test = _normalize((x_train, x_test), request.normalize, request.dtype, 255.0)
+    return Dataset(
+        request.name, x_train, y_train, x_test, y_test, names,
+        source=f"SIGNS files {paths['train']} and {paths['test']}",
+    )
+
+
+def _load_npz(request: _Request) -> Dataset:
+    """Load a user ``.npz`` file named by ``npz:PATH``."""
+    path = _require_file(request.name[len("npz:"):])
+    arrays = _read_npz(path, ("x_train", "y_train", "x_test", "y_test"), ("class_names",))
+    x_train = _as_images(arrays["x_train"], f"{path}: x_train")
+    x_test = _as_images(arrays["x_test"], f"{path}: x_test")
+    y_train = _as_labels(arrays["y_train"], f"{path}: y_train")
+    y_test = _as_labels(arrays["y_test"], f"{path}: y_test")
+    if "class_names" in arrays:
+        names = _as_names(arrays["class_names"], f"{path}: class_names")
+    else:
+        n_classes = max(int(y.max(initial=-1)) for y in (y_train, y_test)) + 1
+        names = tuple(str(i) for i in range(n_classes))
+    scale = 255.0 if x_train.dtype.kind in "ui" else 1.0
+    x_train, x_test = _normalize((x_train, x_test), request.normalize, request.dtype, scale)
+    return Dataset(request.name, x_train, y_train, x_test, y_test, names, source=str(path))
+
+
+def _load_synthetic(
+    request: _Request,
+    *,
+    n_train: int = 1024,
+    n_test: int = 256,
+    shape: tuple[int, int, int] = (28, 28, 1),
+    n_classes: int = 10,
+    seed: int = 0,
+) -> Dataset:
+    """Generate seeded random images: uniform noise blended with a per-class template."""
+    for option, value in (("n_train", n_train), ("n_test", n_test), ("n_classes", n_classes)):
+        if not _is_positive_int(value):
+            raise ValueError(f"`{option}` must be a positive integer, got {value!r}.")
+    shape = tuple(shape)
+    if len(shape) != 3 or not all(_is_positive_int(d) for d in shape):
+        raise ValueError(f"`shape` must be (H, W, C) of positive integers, got {shape!r}.")
+    rng = np.random.default_rng(seed)
+    templates = rng.random((n_classes, *shape))
+    splits = []
+    for n in (n_train, n_test):
+        labels = rng.integers(0, n_classes, n)
+        noise = rng.random((n, *shape))
+        images = (1 - _SYNTHETIC_SIGNAL) * noise + _SYNTHETIC_SIGNAL * templates[labels]
+        splits.append((images, labels))
+    (x_train, y_train), (x_test, y_test) = splits
+    x_train, x_test = _normalize((x_train, x_test), request.normalize, request.dtype, 1.0)
+    return Dataset(
+        request.name, x_train, y_train, x_test, y_test, tuple(str(i) for i in range(n_classes)),
+        source=f"SYNTHETIC random data (seed={seed}): uniform noise in [0, 1) blended with a "
+        f"per-class template at weight {_SYNTHETIC_SIGNAL}; for timing experiments only",
+        synthetic=True,
+    )
+
+
+_LOADERS: dict[str, Callable[..., Dataset]] = {
+    "digits": _load_digits,
+    "mnist": _load_idx_dataset,
+    "fashion-mnist": _load_idx_dataset,
+    "signs": _load_signs,
+    "synthetic": _load_synthetic,
+    "npz": _load_npz,
+}
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _check_dtype(dtype: npt.DTypeLike) -> np.dtype:
+    """Return ``dtype`` as a numpy dtype if it is float32 or float64."""
+    try:
+        result = np.dtype(dtype)
+    except TypeError:
+        result = None
+    if result not in _OUTPUT_DTYPES:
+        raise ValueError(f"`dtype` must be float32 or float64, got {dtype!r}.")
+    return result
+
+
+def _check_normalize(normalize: str) -> None:
+    if normalize not in _NORMALIZE:
+        raise ValueError(f"`normalize` must be one of {list(_NORMALIZE)}, got {normalize!r}.")
+
+
+def _normalize(
+    arrays: tuple[np.ndarray, ...], method: str, dtype: np.dtype, scale: float
+) -> list[np.ndarray]:
+    """Cast ``arrays`` to ``dtype`` and normalize them, with statistics from ``arrays[0]``.
+
+    ``scale`` is the value that maps to 1 under ``method="scale"``. The inputs are never
+    modified.
+    """
+    out = [a.astype(dtype) for a in arrays]
+    if method == "scale":
+        for a in out:
+            a /= dtype.type(scale)
+    elif method == "standardize":
+        axes = tuple(range(out[0].ndim - 1))
+        mean = out[0].mean(axis=axes, dtype=np.float64)
+        std = out[0].std(axis=axes, dtype=np.float64)
+        std[std < _STD_EPS] = 1.0
+        for a in out:
+            a -= mean.astype(dtype)
+            a /= std.astype(dtype)
+    return out
+
+
+def _require_file(path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No such file: {path}")
+    return path
+
+
+def _import_optional(module: str, extra: str, purpose: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(
+            f"{purpose} needs the optional package {module.split('.')[0]!r}: "
+            f'pip install "partrain[{extra}]"'
+        ) from exc
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verify_sha256(path: Path, expected: str, title: str) -> None:
+    actual = _sha256_file(path)
+    if actual != expected:
+        raise DataError(
+            f"{path}: SHA-256 is {actual}, expected {expected} for the official {title} file; "
+            "it is corrupt or a different file. Delete it (it is downloaded again) or load your "
+            "own data with 'npz:PATH'."
+        )
+
+
+def _fetch(source: _IdxSource, folder: Path, filenames: list[str]) -> list[str]:
+    """Download each file from the first mirror that serves it intact.
+
+    A mirror that cannot be reached (anything but an HTTP error status) is not tried again
+    for the remaining files. Returns a description of each failure. Raises DataError if no
+    mirror served a file and at least one served it with a wrong checksum.
+    """
+    failures = []
+    unreachable: set[str] = set()
+    for filename in filenames:
+        errors: list[tuple[str, Exception]] = []
+        for mirror in [m for m in source.mirrors if m not in unreachable]:
+            url = mirror + filename
+            logger.info("Downloading %s to %s", url, folder)
+            try:
+                download(url, folder / filename, source.sha256[filename])
+                break
+            except (OSError, DataError) as exc:
+                errors.append((url, exc))
+                if isinstance(exc, OSError) and not isinstance(exc, urllib.error.HTTPError):
+                    unreachable.add(mirror)
+        else:
+            summary = "; ".join(f"{url}: {exc}" for url, exc in errors)
+            if any(isinstance(exc, DataError) for _, exc in errors):
+                raise DataError(f"No mirror served an intact {filename}: {summary}")
+            if summary:
+                failures.append(summary)
+    return failures
+
+
+def _read_idx_pair(
+    images_path: str | os.PathLike[str], labels_path: str | os.PathLike[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate raw uint8 images ``(m, rows, cols, 1)`` and int64 labels."""
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise DataError(
+            f"{images_path}: expected 3-D uint8 images (m, rows, cols), "
+            f"got {images.dtype} {images.shape}."
+        )
+    if labels.ndim != 1 or labels.dtype != np.uint8:
+        raise DataError(
+            f"{labels_path}: expected 1-D uint8 labels (m,), got {labels.dtype} {labels.shape}."
+        )
+    images = images[..., np.newaxis]
+    labels = labels.astype(np.int64)
+    _check_pair(images, labels, 10, f"{images_path} + {labels_path}")
+    return images, labels
+
+
+def _check_pair(images: np.ndarray, labels: np.ndarray, n_classes: int, where: str) -> None:
+    """Check that images ``(m, H, W, C)`` and integer labels ``(m,)`` in range go together."""
+    if images.ndim != 4 or labels.ndim != 1 or labels.dtype.kind not in "ui":
+        raise DataError(
+            f"{where}: expected images (m, H, W, C) and integer labels (m,), got images "
+            f"{images.shape} and labels {labels.dtype} {labels.shape}."
+        )
+    if len(images) != len(labels):
+        raise DataError(
+            f"{where}: {len(labels)} labels for {len(images)} images; the counts must match."
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        raise DataError(
+            f"{where}: labels must be class ids in 0..{n_classes - 1}, "
+            f"got values in {labels.min()}..{labels.max()}."
+        )
+
+
+def _read_npz(
+    path: Path, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> dict[str, np.ndarray]:
+    """Read the ``required`` and present ``optional`` arrays of an ``.npz`` file, never pickles."""
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not an .npz archive; write it with numpy.savez.")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            present = set(archive.files)
+            arrays = {k: archive[k] for k in (*required, *optional) if k in present}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(
+            f"{path}: cannot read the .npz archive ({exc}). Store strings as a str array, "
+            "not an object array."
+        ) from exc
+    missing = [k for k in required if k not in present]
+    if missing:
+        raise DataError(
+            f"{path}: missing array(s) {missing}; expected {list(required)}"
+            f"{f' (optional {list(optional)})' if optional else ''}, found {sorted(present)}."
+        )
+    return arrays
+
+
+def _read_signs_h5(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read ``<split>_set_x``, ``<split>_set_y`` and ``list_classes`` from a SIGNS HDF5 file."""
+    h5py = _import_optional("h5py", "h5", f"Reading {path}")
+    try:
+        with h5py.File(path, "r") as f:
+            keys = sorted(f.keys())
+            x_keys = [k for k in keys if k.endswith("_set_x")]
+            if len(x_keys) == 1 and x_keys[0][:-1] + "y" in keys and "list_classes" in keys:
+                return f[x_keys[0]][()], f[x_keys[0][:-1] + "y"][()], f["list_classes"][()]
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the HDF5 file ({exc}).") from exc
+    raise DataError(
+        f"{path}: expected datasets <split>_set_x, <split>_set_y and list_classes, found {keys}."
+    )
+
+
+def _as_images(x: np.ndarray, where: str) -> np.ndarray:
+    """Validate a non-empty numeric NHWC image array; a 3-D (m, H, W) array gains C=1."""
+    if x.ndim == 3:
+        x = x[..., np.newaxis]
+    if x.ndim != 4 or x.dtype.kind not in "uif" or len(x) == 0:
+        raise DataError(
+            f"{where} must be a non-empty numeric image array (m, H, W, C) or (m, H, W), "
+            f"got {x.dtype} {x.shape}."
+        )
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise DataError(
+            f"{where} contains {np.count_nonzero(~np.isfinite(x))} NaN or infinite values."
+        )
+    return x
+
+
+def _as_labels(y: np.ndarray, where: str) -> np.ndarray:
+    """Return int64 class ids ``(m,)`` from ids ``(m,)``, ``(1, m)``, ``(m, 1)`` or one-hot."""
+    if y.ndim == 2 and 1 in y.shape:
+        y = y.ravel()
+    elif y.ndim == 2:
+        if not (np.isin(y, (0, 1)).all() and (y.sum(axis=1) == 1).all()):
+            raise DataError(
+                f"{where} has shape {y.shape} but is not one-hot (each row must hold a single "
+                "1 and otherwise 0); store class ids of shape (m,) instead."
+            )
+        y = y.argmax(axis=1)
+    if y.ndim != 1 or y.dtype.kind not in "ui":
+        raise DataError(
+            f"{where} must be integer class ids of shape (m,), got {y.dtype} {y.shape}; "
+            "convert whole-number labels with .astype(numpy.int64)."
+        )
+    return y.astype(np.int64)
+
+
+def _as_names(names: np.ndarray, where: str) -> tuple[str, ...]:
+    """Return class names as str, decoding bytes."""
+    if names.ndim != 1:
+        raise DataError(f"{where} must be a 1-D array of class names, got shape {names.shape}.")
+    return tuple(v.decode() if isinstance(v, bytes) else str(v) for v in names.tolist())
