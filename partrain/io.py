@@ -29,6 +29,9 @@ def write_npz(path: str | os.PathLike, kind: str, meta: dict, arrays: dict) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **payload)
             f.flush()
@@ -46,7 +49,10 @@ def read_npz(path: str | os.PathLike, kind: str) -> tuple[dict, dict[str, np.nda
     if not path.is_file():
         raise FileNotFoundError(f"No such {kind} file: '{path}'.")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise FileFormatError(f"'{path}' is a single .npy array, not a partrain {kind}.")
+        with data:
             arrays = {name: data[name] for name in data.files}
         meta = json.loads(str(arrays.pop("__meta__")))
     except KeyError:
@@ -58,6 +64,8 @@ def read_npz(path: str | os.PathLike, kind: str) -> tuple[dict, dict[str, np.nda
             f"'{path}' is not a readable partrain {kind}: the file is truncated or corrupt "
             f"({type(exc).__name__}: {exc})."
         ) from None
+    if not isinstance(meta, dict):
+        raise FileFormatError(f"'{path}' has invalid partrain metadata (not a JSON object).")
     if meta.get("kind") != kind:
         raise FileFormatError(
             f"'{path}' holds a partrain {meta.get('kind', 'unknown')!s}, expected a {kind}."

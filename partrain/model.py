@@ -43,14 +43,17 @@ def check_dtype(dtype) -> np.dtype:
     return dt
 
 
-def as_class_ids(y, n_classes: int, name: str = "y") -> np.ndarray:
+def as_class_ids(y, n_classes: int, n_examples: int | None = None,
+                 name: str = "y") -> np.ndarray:
     """Labels as int64 class ids of shape (m,).
 
     Accepts (m,) integers, a (1, m) row of integers, or one-hot rows (m, n_classes); rejects
-    anything else, floats with fractions, and ids outside [0, n_classes).
+    anything else, floats with fractions, and ids outside [0, n_classes). `n_examples`, when
+    known, settles whether a (1, n_classes) array is a row of ids or one one-hot row.
     """
     y = np.asarray(y)
-    if y.ndim == 2 and y.shape[0] == 1 and y.shape[1] != n_classes:
+    one_hot_row = y.shape == (1, n_classes) and n_examples in (None, 1)
+    if y.ndim == 2 and y.shape[0] == 1 and not one_hot_row:
         y = y.reshape(-1)
     elif y.ndim == 2:
         if y.shape[1] != n_classes or not np.isin(y, (0, 1)).all() or (y.sum(axis=1) != 1).any():
@@ -124,6 +127,7 @@ class Sequential:
         self.buffer_layout, self._buffer_slots = self._lay_out(lambda layer: layer.buffer_specs())
         self.params = self._initial(self.layout, np.random.default_rng(self.seed))
         self.buffers = self._initial(self.buffer_layout, None)
+        self.metadata: dict = {}  # JSON-ready notes saved with the model (e.g. preprocessing)
 
     # ------------------------------------------------------------------ layout
 
@@ -204,7 +208,7 @@ class Sequential:
     def check_Xy(self, X, y) -> tuple[np.ndarray, np.ndarray]:
         """Validated (X, class ids) of equal length."""
         X = self.check_X(X)
-        y = as_class_ids(y, self.n_classes)
+        y = as_class_ids(y, self.n_classes, len(X))
         if len(y) != len(X):
             raise ValueError(f"`X` and `y` must have the same length, got {len(X)} and {len(y)}.")
         return X, y
@@ -345,6 +349,7 @@ class Sequential:
         clone = Sequential.from_config(config)
         clone.params[...] = self.params
         clone.buffers[...] = self.buffers
+        clone.metadata = dict(self.metadata)
         return clone
 
     def set_state(self, params: np.ndarray, buffers: np.ndarray, source: str = "state") -> None:
@@ -359,7 +364,7 @@ class Sequential:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the model (architecture as JSON, params, buffers) to one `.npz`, atomically."""
-        write_npz(path, "model", {"config": self.config()},
+        write_npz(path, "model", {"config": self.config(), "metadata": self.metadata},
                   {"params": self.params, "buffers": self.buffers})
 
     def __repr__(self) -> str:
@@ -373,6 +378,7 @@ def model_from_arrays(meta: dict, arrays: dict, path: str) -> Sequential:
     try:
         model = Sequential.from_config(meta["config"])
         model.set_state(arrays["params"], arrays["buffers"], source=f"'{path}'")
+        model.metadata = dict(meta.get("metadata", {}))
     except (KeyError, ValueError) as exc:
         raise FileFormatError(f"'{path}' does not hold a valid partrain model: {exc}") from None
     return model

@@ -8,14 +8,19 @@ through `.npz` checkpoints.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
 
-def _check_lr(lr: float) -> float:
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"`lr` must be a finite number > 0, got {lr!r}.")
-    return float(lr)
+def _check_number(name: str, value, minimum: float = 0.0, strict: bool = True) -> float:
+    """`value` as a float if it is a real number (not a bool) above `minimum`, else raise."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and \
+        math.isfinite(value) and (value > minimum if strict else value >= minimum)
+    if not ok:
+        rule = ">" if strict else ">="
+        raise ValueError(f"`{name}` must be a finite number {rule} {minimum:g}, got {value!r}.")
+    return float(value)
 
 
 class Optimizer:
@@ -24,7 +29,7 @@ class Optimizer:
     state_arrays: tuple[str, ...] = ()
 
     def __init__(self, lr: float):
-        self.lr = _check_lr(lr)
+        self.lr = _check_number("lr", lr)
         self.state: dict = {"step": 0}
 
     def _ensure_state(self, params: np.ndarray, grad: np.ndarray) -> None:
@@ -40,6 +45,9 @@ class Optimizer:
                 f"Optimizer state holds {self.state[self.state_arrays[0]].size} values but "
                 f"`params` has {params.size}: load a matching state or use a new optimizer."
             )
+        elif self.state_arrays and self.state[self.state_arrays[0]].dtype != params.dtype:
+            for name in self.state_arrays:  # e.g. float64 state loaded for a float32 run
+                self.state[name] = self.state[name].astype(params.dtype)
         self._scratch = getattr(self, "_scratch", None)
         if self._scratch is None or self._scratch.shape != params.shape:
             self._scratch = np.empty_like(params)
@@ -58,7 +66,8 @@ class Optimizer:
     def load_state_dict(self, state: dict, n_params: int | None = None) -> None:
         """Replace the state by a copy of `state`, after checking names and sizes."""
         names = [n for n in self.state_arrays if n in state]
-        if "step" not in state or names and len(names) != len(self.state_arrays):
+        complete = len(names) == len(self.state_arrays) or (not names and state.get("step") == 0)
+        if "step" not in state or not complete:
             raise ValueError(
                 f"{type(self).__name__} state must hold 'step' and {list(self.state_arrays)}, "
                 f"got {sorted(state)}."
@@ -196,9 +205,7 @@ class InverseTimeDecay:
     """lr_epoch = lr / (1 + decay * epoch), epoch counted from 0."""
 
     def __init__(self, decay: float):
-        if not (math.isfinite(decay) and decay >= 0):
-            raise ValueError(f"`decay` must be a finite number >= 0, got {decay!r}.")
-        self.decay = float(decay)
+        self.decay = _check_number("decay", decay, strict=False)
 
     def __call__(self, base_lr: float, epoch: int) -> float:
         return base_lr / (1.0 + self.decay * epoch)

@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import signal
+import time
 import traceback
 import warnings
 import weakref
@@ -58,6 +59,15 @@ class ChunkTotals(NamedTuple):
     n_examples: int
 
 
+class StepTiming(NamedTuple):
+    """Where the last step's time went, in seconds (for `partrain bench`)."""
+
+    run: float  # dispatch until every chunk result is back (master's view)
+    compute_max: float  # busiest task's compute time: the critical path of the workers
+    compute_sum: float  # all tasks' compute time together
+    reduce: float  # ordered reduction of chunk gradients and batch statistics
+
+
 # ----------------------------------------------------------------------------- configuration
 
 
@@ -87,6 +97,28 @@ def default_chunk_size(model: Sequential, batch_size: int) -> int:
     per_example = max(model.flops_per_example(), 1)
     min_examples = int(np.ceil(2e6 / per_example))
     return max(1, min(batch_size, max(-(-batch_size // 4), min_examples)))
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed blocks of up to 32 MiB instead of unmapping them.
+
+    A training step allocates and frees the same large temporaries (im2col matrices,
+    activations) every time; with glibc's default thresholds each of them is a fresh mmap whose
+    pages fault in again, which cost 40-50% of a step here (~1,200 page faults per signs_cnn
+    chunk). Called in every process that computes chunks. Returns False where it does not
+    apply (not glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
 
 
 # ----------------------------------------------------------------------------- one chunk
@@ -128,8 +160,9 @@ def reduce_in_order(slots: np.ndarray, n: int, out: np.ndarray) -> np.ndarray:
 class Engine:
     """Base of all engines: holds the chunk plan and reduces chunk results in order.
 
-    Subclasses implement `_bind_data`, `_run(chunks, step_key)` (fill the gradient and stats
-    slots, return one (loss, n_correct) pair per chunk) and `close`.
+    Subclasses implement `_bind_data`, `_run(batch_idx, chunks, step_key)` (fill the gradient
+    and stats slots; return one (loss, n_correct) pair per chunk and each task's compute
+    seconds) and `close`.
     """
 
     def __init__(self, model: Sequential, chunk_size: int):
@@ -148,7 +181,9 @@ class Engine:
                  out: np.ndarray) -> ChunkTotals:
         """Write the SUMMED gradient of the examples `batch_idx` into `out`; fold BN stats."""
         chunks = plan_chunks(len(batch_idx), self.chunk_size)
-        results = self._run(batch_idx, chunks, step_key)
+        t0 = time.perf_counter()
+        results, busy = self._run(batch_idx, chunks, step_key)
+        t1 = time.perf_counter()
         reduce_in_order(self._grad_slots, len(chunks), out)
         if self.model.buffers.size:
             weights = np.array([stop - start for start, stop in chunks], dtype=out.dtype)
@@ -156,6 +191,7 @@ class Engine:
             for k, w in enumerate(weights):
                 stats += (w / weights.sum()) * self._stats_slots[k]
             self.model.fold_batch_stats(stats)
+        self.last_timing = StepTiming(t1 - t0, max(busy), sum(busy), time.perf_counter() - t1)
         loss = 0.0
         for chunk_loss, _ in results:
             loss += chunk_loss
@@ -171,6 +207,10 @@ class Engine:
 class SerialEngine(Engine):
     """All chunks in the master process: the n_jobs=1 path and the debugging mode."""
 
+    def __init__(self, model: Sequential, chunk_size: int):
+        super().__init__(model, chunk_size)
+        keep_freed_memory()
+
     def _bind_data(self, X, y):
         self._X, self._y = X, y
 
@@ -184,10 +224,12 @@ class SerialEngine(Engine):
     def _run(self, batch_idx, chunks, step_key):
         self._ensure_slots(len(chunks))
         has_stats = self.model.buffers.size > 0
-        return [compute_chunk(self.model, self.model.params, self._X, self._y, batch_idx, k,
-                              bounds, step_key, self._grad_slots[k],
-                              self._stats_slots[k] if has_stats else None)
-                for k, bounds in enumerate(chunks)]
+        t0 = time.perf_counter()
+        results = [compute_chunk(self.model, self.model.params, self._X, self._y, batch_idx, k,
+                                 bounds, step_key, self._grad_slots[k],
+                                 self._stats_slots[k] if has_stats else None)
+                   for k, bounds in enumerate(chunks)]
+        return results, [time.perf_counter() - t0]
 
 
 # ----------------------------------------------------------------------------- shared memory
@@ -308,14 +350,19 @@ _SESSION: _WorkerSession | None = None
 
 
 def _worker_init() -> None:
-    """Workers leave Ctrl-C to the master, which stops them cleanly."""
+    """Workers leave Ctrl-C to the master, which stops them cleanly, and reuse freed memory."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keep_freed_memory()
 
 
 def _run_chunks(spec: SessionSpec, step_key: tuple, chunk_ids: list[int],
-                chunks: list[tuple[int, int]]) -> list[tuple[int, float, int]]:
-    """Worker task: compute the given chunks into their gradient slots; return small sums."""
+                chunks: list[tuple[int, int]]) -> tuple[list[tuple[int, float, int]], float]:
+    """Worker task: compute the given chunks into their gradient slots.
+
+    Returns small things only: (chunk id, loss sum, n correct) per chunk and the busy seconds.
+    """
     global _SESSION
+    t0 = time.perf_counter()
     if _SESSION is None or _SESSION.token != spec.token:
         if _SESSION is not None:
             _SESSION.close()
@@ -328,7 +375,7 @@ def _run_chunks(spec: SessionSpec, step_key: tuple, chunk_ids: list[int],
                                       bounds, step_key, v["grad_slots"][k],
                                       v["stats_slots"][k] if has_stats else None)
         out.append((k, loss, correct))
-    return out
+    return out, time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- the loky pool
@@ -441,7 +488,7 @@ class LokyEngine(Engine):
                     f"(attempt {failures + 1}). Results are unaffected.", RuntimeWarning,
                     stacklevel=2)
 
-    def _dispatch(self, spec, step_key, groups) -> list[tuple[float, int]]:
+    def _dispatch(self, spec, step_key, groups) -> tuple[list[tuple[float, int]], list[float]]:
         from joblib.externals.loky.process_executor import BrokenProcessPool
 
         futures = []
@@ -449,9 +496,11 @@ class LokyEngine(Engine):
             for group in groups:
                 ids, bounds = [k for k, _ in group], [b for _, b in group]
                 futures.append(self._pool.submit(_run_chunks, spec, step_key, ids, bounds))
-            per_chunk = {}
+            per_chunk, busy = {}, []
             for future in futures:
-                for k, loss, correct in future.result():
+                results, seconds = future.result()
+                busy.append(seconds)
+                for k, loss, correct in results:
                     per_chunk[k] = (loss, correct)
         except BrokenProcessPool as exc:
             raise _WorkerDied(str(exc).split("\n")[0]) from None
@@ -462,7 +511,7 @@ class LokyEngine(Engine):
                 self._shutdown_pool(kill=True)
                 raise _as_worker_error(exc, step_key) from None
             raise  # KeyboardInterrupt / SystemExit: the caller shuts down
-        return [per_chunk[k] for k in range(len(per_chunk))]
+        return [per_chunk[k] for k in range(len(per_chunk))], busy
 
     def _shutdown_pool(self, kill: bool) -> None:
         pool, self._pool = self._pool, None

@@ -230,23 +230,8 @@ class Trainer:
         try:
             for step in range(self.step_in_epoch, n_steps):
                 batch_idx = order[step * self.batch_size:(step + 1) * self.batch_size]
-                totals = self.engine.gradient(batch_idx, (self.seed, STEP_STREAM, epoch, step),
-                                              grad)
-                if not math.isfinite(totals.loss):
-                    raise NonFiniteLossError(
-                        f"The training loss became {totals.loss} at epoch {epoch} step {step}; "
-                        "the update was not applied. Try a lower learning rate, scale the "
-                        "inputs to [0, 1] or standardise them, or use float64."
-                    )
-                grad *= grad.dtype.type(1.0 / totals.n_examples)  # the sum becomes a mean
-                with _signals_deferred():  # update and bookkeeping happen together or not at all
-                    self.optimizer.step(self.model.params, grad)
-                    p = self._partial
-                    p["loss"] += totals.loss
-                    p["correct"] += totals.n_correct
-                    p["seen"] += totals.n_examples
-                    p["time"] = time.perf_counter() - started
-                    self.step_in_epoch = step + 1
+                self._step(batch_idx, epoch, step, grad, started)
+                p = self._partial
                 logs = {"loss": p["loss"] / p["seen"], "accuracy": p["correct"] / p["seen"],
                         "examples_per_s": p["seen"] / max(p["time"], 1e-9)}
                 if bar is not None:
@@ -259,6 +244,26 @@ class Trainer:
             if bar is not None:
                 bar.close()
         self._end_epoch(validation_data, callbacks)
+
+    def _step(self, batch_idx: np.ndarray, epoch: int, step: int, grad: np.ndarray,
+              started: float) -> None:
+        """One optimizer update from the examples `batch_idx` of the bound training set."""
+        totals = self.engine.gradient(batch_idx, (self.seed, STEP_STREAM, epoch, step), grad)
+        if not math.isfinite(totals.loss):
+            raise NonFiniteLossError(
+                f"The training loss became {totals.loss} at epoch {epoch} step {step}; the "
+                "update was not applied. Try a lower learning rate, scale the inputs to "
+                "[0, 1] or standardise them, or use float64."
+            )
+        grad *= grad.dtype.type(1.0 / totals.n_examples)  # the sum becomes a mean
+        with _signals_deferred():  # the update and its bookkeeping happen together or not at all
+            self.optimizer.step(self.model.params, grad)
+            p = self._partial
+            p["loss"] += totals.loss
+            p["correct"] += totals.n_correct
+            p["seen"] += totals.n_examples
+            p["time"] = time.perf_counter() - started
+            self.step_in_epoch = step + 1
 
     def _end_epoch(self, validation_data, callbacks) -> None:
         p = self._partial

@@ -1,0 +1,83 @@
+"""PNG figures (matplotlib is an optional extra: pip install "partrain[plot]")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(
+            'Plots need matplotlib: pip install "partrain[plot]".'
+        ) from None
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def require_matplotlib() -> None:
+    """Raise the install hint now, before a long run, if plotting will be impossible."""
+    _pyplot()
+
+
+def plot_history(history: dict, path: str | Path) -> Path:
+    """Loss and accuracy per epoch (training, and validation when present)."""
+    plt = _pyplot()
+    epochs = np.arange(1, len(history["loss"]) + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        ax.plot(epochs, history[metric], "o-", label=f"train {metric}")
+        if history.get(f"val_{metric}"):
+            ax.plot(epochs, history[f"val_{metric}"], "s--", label=f"validation {metric}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_confusion(confusion: np.ndarray, class_names, path: str | Path) -> Path:
+    """Confusion matrix (rows: true class, columns: predicted) with counts in the cells."""
+    plt = _pyplot()
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * k, 1 + 0.6 * k))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(k), class_names)
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    threshold = confusion.max() / 2 if confusion.size else 0
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if confusion[i, j] > threshold else "black")
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_recall(recall: np.ndarray, class_names, path: str | Path) -> Path:
+    """Per-class recall as bars."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(class_names) + 2), 3.5))
+    ax.bar(range(len(recall)), recall, color="tab:blue")
+    ax.set_xticks(range(len(recall)), class_names)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("recall")
+    ax.set_xlabel("class")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def _save(fig, plt, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
