@@ -37,6 +37,7 @@ logger = logging.getLogger("partrain")
 BLAS_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                  "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS", "BLIS_NUM_THREADS")
 SHM_PREFIX = "partrain_"
+MIN_CHUNK_FLOPS = 5e6  # ~0.5 ms of NumPy work: about what dispatching one task costs
 
 
 class WorkerError(RuntimeError):
@@ -91,12 +92,13 @@ def plan_chunks(n_examples: int, chunk_size: int) -> list[tuple[int, int]]:
 def default_chunk_size(model: Sequential, batch_size: int) -> int:
     """Examples per task: a function of the model and batch size, NEVER of n_jobs.
 
-    A batch is cut in 4 chunks (so 1, 2 and 4 workers share it evenly), unless that makes a
-    chunk so cheap that the per-task cost would dominate: chunks are kept above ~2 MFLOP.
+    A batch is cut into up to 4 equal chunks (so 1, 2 and 4 workers share it evenly), but
+    into fewer when a chunk would carry less than MIN_CHUNK_FLOPS of work, since a task costs
+    about half a millisecond to dispatch.
     """
-    per_example = max(model.flops_per_example(), 1)
-    min_examples = int(np.ceil(2e6 / per_example))
-    return max(1, min(batch_size, max(-(-batch_size // 4), min_examples)))
+    work = batch_size * max(model.flops_per_example(), 1)
+    n_chunks = int(max(1, min(4, work // MIN_CHUNK_FLOPS, batch_size)))
+    return -(-batch_size // n_chunks)
 
 
 def keep_freed_memory() -> bool:
