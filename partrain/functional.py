@@ -39,7 +39,10 @@ def zero_pad(X: np.ndarray, pad: int) -> np.ndarray:
         raise ValueError(f"`pad` must be >= 0, got {pad}.")
     if pad == 0:
         return X
-    return np.pad(X, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    m, H, W, C = X.shape
+    out = np.zeros((m, H + 2 * pad, W + 2 * pad, C), dtype=X.dtype)  # np.pad is ~2x slower
+    out[:, pad:pad + H, pad:pad + W] = X
+    return out
 
 
 def _patches(X_pad: np.ndarray, f: int, stride: int) -> np.ndarray:
@@ -64,10 +67,26 @@ def _offset_view(X: np.ndarray, di: int, dj: int, stride: int, n_H: int, n_W: in
 # ----------------------------------------------------------------------------- convolution
 
 
-def im2col(A_prev: np.ndarray, f: int, stride: int, pad: int) -> np.ndarray:
-    """Unfold (m, H, W, C) into a (m * n_H * n_W, f * f * C) matrix of receptive fields."""
+def im2col(A_prev: np.ndarray, f: int, stride: int, pad: int,
+           transposed: bool = False) -> np.ndarray:
+    """Unfold (m, H, W, C) into a (m * n_H * n_W, f * f * C) matrix of receptive fields.
+
+    `transposed=True` builds its transpose (f * f * C, m * n_H * n_W) instead.
+    """
     patches = _patches(zero_pad(A_prev, pad), f, stride)
+    if transposed:
+        return np.ascontiguousarray(patches.transpose(3, 4, 5, 0, 1, 2)).reshape(f * f * A_prev.shape[3], -1)
     return patches.reshape(-1, f * f * A_prev.shape[3])  # the one copy of the forward pass
+
+
+def transposed_layout(n_C_prev: int) -> bool:
+    """Whether a convolution with this many input channels should use the transposed im2col.
+
+    With few channels the NHWC copy moves runs of C (1-3) values while the transposed one moves
+    whole image rows: measured here 4x faster for C=1 and 1.5x for C=3; from C=8 on the NHWC
+    layout wins (its matmul orientation is also better there).
+    """
+    return n_C_prev < 4
 
 
 def _check_conv(A_prev: np.ndarray, W: np.ndarray) -> None:
@@ -100,21 +119,28 @@ def conv_forward(
 def conv_forward_cols(
     A_prev: np.ndarray, W: np.ndarray, b: np.ndarray, stride: int, pad: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """conv_forward that also returns its im2col matrix, for reuse by the backward pass."""
-    f, n_C = W.shape[0], W.shape[3]
+    """conv_forward that also returns its im2col matrix (layout: `transposed_layout`), for
+    reuse by the backward pass."""
+    f, n_C_prev, n_C = W.shape[0], W.shape[2], W.shape[3]
     m = A_prev.shape[0]
     n_H, n_W, _ = conv_output_shape(A_prev.shape[1:], f, stride, pad, n_C)
-    cols = im2col(A_prev, f, stride, pad)
-    Z = cols @ W.reshape(-1, n_C)
+    transposed = transposed_layout(n_C_prev)
+    cols = im2col(A_prev, f, stride, pad, transposed)
+    W2 = W.reshape(-1, n_C)
+    Z = (W2.T @ cols).T.reshape(m, n_H, n_W, n_C) if transposed else \
+        (cols @ W2).reshape(m, n_H, n_W, n_C)
     Z += b.reshape(n_C)
-    return Z.reshape(m, n_H, n_W, n_C), cols
+    return Z, cols
 
 
 def conv_weight_grad(dZ: np.ndarray, cols: np.ndarray, W_shape: tuple) -> tuple:
     """(dW, db) of a convolution from dZ (m, n_H, n_W, C) and its forward im2col matrix."""
     n_C = dZ.shape[3]
     dZ2 = dZ.reshape(-1, n_C)
-    dW = (dZ2.T @ cols).T.reshape(W_shape)  # (C, rows) @ (rows, ffC): the faster orientation
+    if transposed_layout(W_shape[2]):
+        dW = (cols @ dZ2).reshape(W_shape)
+    else:
+        dW = (dZ2.T @ cols).T.reshape(W_shape)  # (C, rows) @ (rows, ffC): the faster way
     db = dZ2.sum(axis=0).reshape(1, 1, 1, n_C)
     return dW, db
 
@@ -144,7 +170,7 @@ def conv_backward(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients (dA_prev, dW, db) of conv_forward, shaped like A_prev, W and b."""
     _check_conv(A_prev, W)
-    cols = im2col(A_prev, W.shape[0], stride, pad)
+    cols = im2col(A_prev, W.shape[0], stride, pad, transposed_layout(W.shape[2]))
     dW, db = conv_weight_grad(dZ, cols, W.shape)
     return conv_input_grad(dZ, W, A_prev.shape, stride, pad), dW, db
 
@@ -195,12 +221,15 @@ def pool_backward(
     if A is None:
         A = pool_forward(A_prev, f, stride, "max")
     unclaimed = np.ones(A.shape, dtype=bool)  # windows whose maximum is not yet found
+    hit = np.empty(A.shape, dtype=bool)
+    share = np.empty_like(dA)
     for di in range(f):
         for dj in range(f):
-            hit = _offset_view(A_prev, di, dj, stride, n_H, n_W) == A
-            hit &= unclaimed
-            unclaimed &= ~hit
-            _offset_view(dA_prev, di, dj, stride, n_H, n_W)[...] += np.where(hit, dA, 0)
+            np.equal(_offset_view(A_prev, di, dj, stride, n_H, n_W), A, out=hit)
+            hit &= unclaimed  # only the first maximum of each window takes the gradient
+            unclaimed ^= hit
+            np.multiply(dA, hit, out=share)
+            _offset_view(dA_prev, di, dj, stride, n_H, n_W)[...] += share
     return dA_prev
 
 
@@ -214,7 +243,7 @@ def relu(Z: np.ndarray) -> np.ndarray:
 
 def relu_backward(dA: np.ndarray, Z: np.ndarray) -> np.ndarray:
     """Pass dA where Z > 0 and zero elsewhere (the subgradient 0 at the kink)."""
-    return np.where(Z > 0, dA, 0).astype(dA.dtype, copy=False)
+    return dA * (Z > 0)  # a bool factor: ~10x faster than np.where(Z > 0, dA, 0)
 
 
 def dense_forward(A: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:

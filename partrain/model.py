@@ -128,6 +128,8 @@ class Sequential:
         self.params = self._initial(self.layout, np.random.default_rng(self.seed))
         self.buffers = self._initial(self.buffer_layout, None)
         self.metadata: dict = {}  # JSON-ready notes saved with the model (e.g. preprocessing)
+        self._first_trainable = next(
+            (i for i, slots in enumerate(self._param_slots) if slots), len(self.layers))
 
     # ------------------------------------------------------------------ layout
 
@@ -245,9 +247,11 @@ class Sequential:
             caches.append(cache)
         loss, dz = F.softmax_cross_entropy(a, y, reduction="sum")
         n_correct = int((a.argmax(axis=1) == y).sum())
-        for i in range(len(self.layers) - 1, -1, -1):
-            if i > 0 or p_views[i]:  # the input needs no gradient: skip parameter-free layer 0
-                dz = self.layers[i].backward(p_views[i], caches[i], dz, g_views[i], need_dx=i > 0)
+        # Backpropagate down to the first layer with parameters; below it only the input
+        # would receive gradients, which nobody needs (e.g. the Flatten of an MLP).
+        for i in range(len(self.layers) - 1, self._first_trainable - 1, -1):
+            need_dx = i > self._first_trainable
+            dz = self.layers[i].backward(p_views[i], caches[i], dz, g_views[i], need_dx)
         stats = None
         if ctx.training and self.buffers.size:
             stats = np.empty_like(self.buffers)
