@@ -161,8 +161,7 @@ def bench_partrain(model_name: str, batch_size: int, n_jobs: int, dtype: str = "
     with trainer, trainer._blas_limit():
         trainer.engine.bind(X, y)
         rates = _windows(step, batch_size, duration, warmup, repeats)
-        workers = [_peak_rss_mb(pid) for pid in getattr(trainer.engine, "worker_pids",
-                                                        lambda: [])()]
+        workers = [_peak_rss_mb(pid) for pid in getattr(trainer.engine, "worker_pids", list)()]
     recent = timings[len(timings) // 2:]  # steady state
     step_s = statistics.median(t for t, _ in recent)
     run_s = statistics.median(t.run for _, t in recent)
@@ -176,8 +175,8 @@ def bench_partrain(model_name: str, batch_size: int, n_jobs: int, dtype: str = "
         examples_per_s_min=min(rates), examples_per_s_max=max(rates),
         gflops=median * model.flops_per_example() / 1e9, step_ms=1e3 * step_s,
         compute_ms=1e3 * compute_s, engine_ms=1e3 * (run_s - compute_s + reduce_s),
-        optimizer_ms=1e3 * max(step_s - run_s - reduce_s, 0.0), master_peak_rss_mb=_peak_rss_mb()[0],
-        worker_peak_rss_mb=[w[0] for w in workers],
+        optimizer_ms=1e3 * max(step_s - run_s - reduce_s, 0.0),
+        master_peak_rss_mb=_peak_rss_mb()[0], worker_peak_rss_mb=[w[0] for w in workers],
         worker_private_rss_mb=[w[1] for w in workers], windows=rates)
 
 

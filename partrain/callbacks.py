@@ -27,7 +27,8 @@ class History:
             self.history.setdefault(key, []).append(value)
 
     def __repr__(self) -> str:
-        return f"History({self.epochs} epochs, keys={sorted(k for k, v in self.history.items() if v)})"
+        keys = sorted(k for k, v in self.history.items() if v)
+        return f"History({self.epochs} epochs, keys={keys})"
 
 
 class Callback:

@@ -61,7 +61,8 @@ def _patches(X_pad: np.ndarray, f: int, stride: int) -> np.ndarray:
 
 def _offset_view(X: np.ndarray, di: int, dj: int, stride: int, n_H: int, n_W: int) -> np.ndarray:
     """The (m, n_H, n_W, C) view of X hit by kernel offset (di, dj) at every window position."""
-    return X[:, di : di + stride * (n_H - 1) + 1 : stride, dj : dj + stride * (n_W - 1) + 1 : stride]
+    h_stop, w_stop = di + stride * (n_H - 1) + 1, dj + stride * (n_W - 1) + 1
+    return X[:, di:h_stop:stride, dj:w_stop:stride]
 
 
 # ----------------------------------------------------------------------------- convolution
@@ -75,7 +76,8 @@ def im2col(A_prev: np.ndarray, f: int, stride: int, pad: int,
     """
     patches = _patches(zero_pad(A_prev, pad), f, stride)
     if transposed:
-        return np.ascontiguousarray(patches.transpose(3, 4, 5, 0, 1, 2)).reshape(f * f * A_prev.shape[3], -1)
+        rows_last = np.ascontiguousarray(patches.transpose(3, 4, 5, 0, 1, 2))
+        return rows_last.reshape(f * f * A_prev.shape[3], -1)
     return patches.reshape(-1, f * f * A_prev.shape[3])  # the one copy of the forward pass
 
 
@@ -110,7 +112,10 @@ def conv_output_shape(input_shape: tuple, f: int, stride: int, pad: int, n_C: in
 def conv_forward(
     A_prev: np.ndarray, W: np.ndarray, b: np.ndarray, stride: int = 1, pad: int = 0
 ) -> np.ndarray:
-    """Convolve (m, H, W, C_prev) with W (f, f, C_prev, C) plus b (1, 1, 1, C) -> (m, n_H, n_W, C)."""
+    """Convolve (m, H, W, C_prev) with W (f, f, C_prev, C), add b (1, 1, 1, C).
+
+    Returns Z of shape (m, n_H, n_W, C).
+    """
     _check_conv(A_prev, W)
     Z, _ = conv_forward_cols(A_prev, W, b, stride, pad)
     return Z

@@ -378,7 +378,7 @@ class Sequential:
 
 
 def model_from_arrays(meta: dict, arrays: dict, path: str) -> Sequential:
-    """Rebuild a model from a saved file's metadata and arrays (shared by models and checkpoints)."""
+    """Rebuild a model from a saved file's metadata and arrays (models and checkpoints)."""
     try:
         model = Sequential.from_config(meta["config"])
         model.set_state(arrays["params"], arrays["buffers"], source=f"'{path}'")

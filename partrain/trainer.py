@@ -21,9 +21,16 @@ import numpy as np
 from .callbacks import Callback, History
 from .io import FileFormatError, read_npz, write_npz
 from .model import Sequential, model_from_arrays
-from .optim import (Adam, ConstantLR, InverseTimeDecay, Optimizer, optimizer_config,
-                    optimizer_from_config, schedule_from_config)
-from .parallel import (WorkerCrashError, default_chunk_size, make_engine, resolve_n_jobs)
+from .optim import (
+    Adam,
+    ConstantLR,
+    InverseTimeDecay,
+    Optimizer,
+    optimizer_config,
+    optimizer_from_config,
+    schedule_from_config,
+)
+from .parallel import WorkerCrashError, default_chunk_size, make_engine, resolve_n_jobs
 
 SHUFFLE_STREAM, STEP_STREAM = 0, 1  # first key element: which kind of random draw
 

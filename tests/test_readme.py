@@ -35,7 +35,7 @@ def test_ci_runs_the_readme_test_command():
 
 def test_cli_help_lists_every_command():
     """`python -m partrain --help` names train, evaluate, gradcheck and bench."""
-    out = subprocess.run([sys.executable, "-m", "partrain", "--help"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "partrain", "--help"], capture_output=True,
+                         text=True, check=True).stdout
     for command in ("train", "evaluate", "gradcheck", "bench"):
         assert command in out
