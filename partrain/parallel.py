@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import signal
+import threading
 import time
 import traceback
 import warnings
@@ -353,9 +354,18 @@ _SESSION: _WorkerSession | None = None
 
 
 def _worker_init() -> None:
-    """Workers leave Ctrl-C to the master, which stops them cleanly, and reuse freed memory."""
+    """Workers leave Ctrl-C to the master, which stops them cleanly, reuse freed memory, and
+    exit by themselves if the master dies without stopping them (e.g. SIGKILL)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     keep_freed_memory()
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, period: float = 1.0) -> None:
+    """Poll the parent pid: once the master is gone this worker has been re-parented."""
+    while os.getppid() == parent:
+        time.sleep(period)
+    os._exit(1)
 
 
 def _run_chunks(spec: SessionSpec, step_key: tuple, chunk_ids: list[int],
