@@ -40,7 +40,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """SIGTERM (or SIGINT) stopped training; the trainer's state is that of the last step."""
+    """SIGINT (Ctrl-C) or SIGTERM stopped training; the state is that of the last step."""
 
     def __init__(self, signum: int):
         super().__init__(f"training interrupted by {signal.Signals(signum).name}")
@@ -133,6 +133,7 @@ class Trainer:
         self.stop_training = False
         self._engine = None
         self._engine_finalizer = None
+        self._guard = _InterruptGuard()
 
     def _check_backend(self) -> None:
         from .parallel import BACKENDS
@@ -196,7 +197,7 @@ class Trainer:
         X, y = np.ascontiguousarray(X), np.ascontiguousarray(y)
         self.stop_training = False
         self._shuffle = bool(shuffle)
-        with self._signals_as_interrupts(), self._blas_limit():
+        with self._guard, self._blas_limit():
             try:
                 self.engine.bind(X, y)
                 for cb in callbacks:
@@ -263,7 +264,7 @@ class Trainer:
                 "[0, 1] or standardise them, or use float64."
             )
         grad *= grad.dtype.type(1.0 / totals.n_examples)  # the sum becomes a mean
-        with _signals_deferred():  # the update and its bookkeeping happen together or not at all
+        with self._guard.atomic():  # the update and its bookkeeping: together or not at all
             self.optimizer.step(self.model.params, grad)
             p = self._partial
             p["loss"] += totals.loss
@@ -279,7 +280,7 @@ class Trainer:
             logs["val_loss"], logs["val_accuracy"] = self.model.evaluate(*validation_data)
         logs.update(examples_per_s=p["seen"] / max(p["time"], 1e-9), epoch_time_s=p["time"],
                     lr=self.optimizer.lr)
-        with _signals_deferred():
+        with self._guard.atomic():
             self.history.append(logs)
             self.epoch += 1
             self.step_in_epoch = 0
@@ -299,23 +300,6 @@ class Trainer:
         from threadpoolctl import threadpool_limits
 
         return threadpool_limits(limits=self.blas_threads)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _signals_as_interrupts():
-        """During fit, SIGTERM raises TrainingInterrupted like Ctrl-C raises KeyboardInterrupt."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def on_term(signum, frame):
-            raise TrainingInterrupted(signum)
-
-        previous = signal.signal(signal.SIGTERM, on_term)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -394,19 +378,49 @@ def _as_schedule(lr_schedule):
     )
 
 
-@contextlib.contextmanager
-def _signals_deferred():
-    """Hold SIGINT/SIGTERM back for a few microseconds so that state changes stay atomic."""
-    if not hasattr(signal, "pthread_sigmask") or \
-            threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signals = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+class _InterruptGuard:
+    """While active, SIGINT and SIGTERM raise TrainingInterrupted, except inside `atomic()`
+    blocks, where they are held back until the block ends: an optimizer update and its
+    bookkeeping happen together or not at all, so a checkpoint is always consistent.
+
+    A Python-level flag, not a signal mask: the C-level signal may land on any thread.
+    Signals the process ignores (e.g. SIGINT of a background job) stay ignored.
+    """
+
+    def __init__(self):
+        self.depth = 0
+        self.pending: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> _InterruptGuard:
+        if threading.current_thread() is threading.main_thread():
+            for signum, default in ((signal.SIGINT, signal.default_int_handler),
+                                    (signal.SIGTERM, signal.SIG_DFL)):
+                if signal.getsignal(signum) is default:
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.depth:
+            self.pending = signum
+        else:
+            raise TrainingInterrupted(signum)
+
+    @contextlib.contextmanager
+    def atomic(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if not self.depth and self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise TrainingInterrupted(signum)
 
 
 def _progress_bar(enabled: bool, n_steps: int, epoch: int, done: int):
