@@ -23,6 +23,7 @@ import numpy as np
 
 from . import zoo
 from .optim import Adam
+from .parallel import resolve_n_jobs
 from .trainer import Trainer
 
 SYNTHETIC_EXAMPLES = 2048
@@ -260,9 +261,11 @@ def run_bench(models: list[str], batch_sizes: list[int], n_jobs: list[int],
     """
     for name in models:
         zoo.get(name)  # validates the name
-    for label, values in (("batch_size", batch_sizes), ("n_jobs", n_jobs)):
-        if not values or any(v < 1 for v in values):
-            raise ValueError(f"`{label}` values must be integers >= 1, got {values}.")
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise ValueError(f"`batch_size` values must be integers >= 1, got {batch_sizes}.")
+    if not n_jobs:
+        raise ValueError("`n_jobs` needs at least one value, got none.")
+    n_jobs = [resolve_n_jobs(j) for j in n_jobs]  # -1 = all cores, as everywhere
     if repeats < 1 or duration <= 0 or warmup < 0:
         raise ValueError("`repeats` must be >= 1, `duration` > 0 and `warmup` >= 0, got "
                          f"{repeats}, {duration}, {warmup}.")
@@ -296,12 +299,13 @@ def run_bench(models: list[str], batch_sizes: list[int], n_jobs: list[int],
 
 
 def _add_ratios(rows: list[BenchRow]) -> None:
-    """Speedup and efficiency against n_jobs=1 of the same engine, model and batch size."""
-    base = {(r.model, r.batch_size, r.engine): r.examples_per_s for r in rows if r.n_jobs == 1}
+    """Speedup and efficiency against partrain's n_jobs=1 for the same model and batch size."""
+    base = {(r.model, r.batch_size): r.examples_per_s for r in rows
+            if r.n_jobs == 1 and r.engine != "torch"}
     for r in rows:
         if r.engine == "torch":
             continue
-        ref = base.get((r.model, r.batch_size, "partrain"))
+        ref = base.get((r.model, r.batch_size))
         if ref:
             r.speedup = r.examples_per_s / ref
             r.efficiency = r.speedup / r.n_jobs

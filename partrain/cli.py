@@ -54,13 +54,17 @@ def _csv(kind):
     return parse
 
 
-def _load_data(args, model_name: str | None = None):
+def _load_data(args, model: Sequential | None):
+    """The dataset named by --dataset; synthetic data take the model's input and class count."""
     options = {}
-    if args.dataset == "synthetic" and model_name is not None:
-        shape = zoo.get(model_name).input_shape if model_name != "mlp" else (28, 28, 1)
-        options = {"shape": shape, "n_classes": zoo.get(model_name).n_classes
-                   if model_name != "mlp" else 10}
+    if args.dataset == "synthetic" and model is not None:
+        options = {"shape": model.input_shape, "n_classes": model.n_classes}
     return load_dataset(args.dataset, args.data_dir, normalize=args.normalize, **options)
+
+
+def _given(value, default):
+    """`value` unless the option was not given (None); 0 counts as given."""
+    return default if value is None else value
 
 
 def build_model(name: str, dataset, seed: int, dropout: float, batchnorm: bool) -> Sequential:
@@ -107,7 +111,7 @@ class EpochSummary(Callback):
 
 
 def cmd_train(args) -> int:
-    from .optim import OPTIMIZERS, SGD
+    from .optim import SGD, Adam
     from .trainer import Trainer
 
     if args.plot:
@@ -122,31 +126,45 @@ def cmd_train(args) -> int:
             raise UsageError(f"{', '.join(given)} cannot change on --resume: the checkpoint "
                              "defines the run")
         trainer = Trainer.from_checkpoint(args.resume, **overrides)
-        model_name = trainer.model.metadata.get("model")
-        dataset_name = args.dataset or trainer.model.metadata.get("dataset")
+        model_name = trainer.model.metadata.get("model", "model")
+        args.dataset = _given(args.dataset, trainer.model.metadata.get("dataset"))
+        if args.dataset is None:
+            raise UsageError(f"--dataset is required: {args.resume} does not name its dataset")
         defaults = MODEL_DEFAULTS.get(model_name, {})
     else:
-        model_name = args.model or "digits-cnn"
+        model_name = _given(args.model, "digits-cnn")
         defaults = MODEL_DEFAULTS[model_name]
-        dataset_name = args.dataset or defaults["dataset"]
-    args.dataset = dataset_name
-    epochs = args.epochs or defaults.get("epochs", 10)
-    data = _load_data(args, model_name)
+        args.dataset = _given(args.dataset, defaults["dataset"])
+        if args.momentum is not None and args.optimizer != "sgd":
+            raise UsageError("--momentum applies to --optimizer sgd only")
+    epochs = _given(args.epochs, defaults.get("epochs", 10))
+    if epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {epochs}")
+    for path in (args.history, args.save):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if args.resume:
+        data = _load_data(args, trainer.model)
+        _check_fit(trainer.model, data, f"the model in {args.resume}")
+    else:
+        probe = None if model_name == "mlp" else zoo.get(model_name)
+        data = _load_data(args, probe or zoo.mlp(input_shape=(28, 28, 1)))
+        model = build_model(model_name, data, _given(args.seed, 0),
+                            _given(args.dropout, 0.0), bool(args.batchnorm))
+        lr = _given(args.lr, defaults["lr"])
+        optimizer = SGD(lr, momentum=_given(args.momentum, 0.0)) if args.optimizer == "sgd" \
+            else Adam(lr)
+        trainer = Trainer(model, optimizer, batch_size=_given(args.batch_size,
+                                                              defaults["batch_size"]),
+                          chunk_size=args.chunk_size, seed=_given(args.seed, 0),
+                          lr_schedule=_given(args.lr_decay, defaults.get("lr_decay")),
+                          **overrides)
+        dataset = args.dataset
+        if dataset.startswith("npz:"):  # so that evaluate finds it from anywhere
+            dataset = "npz:" + str(Path(dataset[4:]).resolve())
+        model.metadata.update(model=model_name, dataset=dataset, normalize=args.normalize)
     if data.synthetic and not args.quiet:
         print("NOTE: SYNTHETIC random data: for timing experiments only.", file=sys.stderr)
-    if not args.resume:
-        model = build_model(model_name, data, args.seed or 0, args.dropout or 0.0,
-                            bool(args.batchnorm))
-        lr = args.lr or defaults["lr"]
-        optimizer = (SGD(lr, momentum=args.momentum or 0.0) if args.optimizer == "sgd"
-                     else OPTIMIZERS["adam"](lr))
-        trainer = Trainer(model, optimizer, batch_size=args.batch_size or defaults["batch_size"],
-                          chunk_size=args.chunk_size, seed=args.seed or 0,
-                          lr_schedule=args.lr_decay if args.lr_decay is not None
-                          else defaults.get("lr_decay"), **overrides)
-        model.metadata.update(model=model_name, dataset=dataset_name, normalize=args.normalize)
-    else:
-        _check_fit(trainer.model, data, f"the model in {args.resume}")
     remaining = epochs - trainer.epoch
     if remaining <= 0:
         print(f"The checkpoint has already trained {trainer.epoch} epochs (--epochs {epochs}): "
@@ -166,7 +184,7 @@ def cmd_train(args) -> int:
         test_loss, test_acc = trainer.model.evaluate(data.x_test, data.y_test)
         print(f"test accuracy {test_acc:.4f}  test loss {test_loss:.4f}  "
               f"wall time {wall:.1f} s")
-    save = args.save or f"{model_name}.npz"
+    save = _given(args.save, f"{model_name}.npz")
     trainer.model.save(save)
     print(f"model saved to {save}")
     if args.history:
@@ -206,7 +224,7 @@ def cmd_evaluate(args) -> int:
         raise UsageError("--dataset is required: the model file does not name its dataset")
     if args.normalize is None:
         args.normalize = model.metadata.get("normalize", "scale")
-    data = _load_data(args)
+    data = _load_data(args, model)
     _check_fit(model, data, f"the model in {args.model_file}")
     X, y = (data.x_test, data.y_test) if args.split == "test" else (data.x_train, data.y_train)
     pred = model.predict(X)
@@ -240,6 +258,11 @@ def cmd_evaluate(args) -> int:
 def cmd_gradcheck(args) -> int:
     from .gradcheck import gradcheck
 
+    for option, value, ok in (("--eps", args.eps, args.eps > 0),
+                              ("--n-params", args.n_params, args.n_params >= 1),
+                              ("--examples", args.examples, args.examples >= 1)):
+        if not ok:
+            raise UsageError(f"{option} must be > 0, got {value}")
     model = zoo.get(args.model, seed=args.seed, dtype="float64")
     rng = np.random.default_rng(args.seed)
     X = rng.random((args.examples, *model.input_shape))

@@ -321,6 +321,7 @@ class Trainer:
         arrays.update({f"optim.{k}": v for k, v in state.items() if isinstance(v, np.ndarray)})
         meta = {
             "config": self.model.config(),
+            "metadata": self.model.metadata,
             "optimizer": {**optimizer_config(self.optimizer), "lr": self.base_lr},
             "optimizer_step": state["step"],
             "trainer": self.config(),

@@ -1,0 +1,155 @@
+"""`partrain bench` end to end on tiny configurations: JSON / CSV / PNG output, speedup and
+efficiency bookkeeping, the PyTorch comparison (present and missing), bad options. No timing
+assertions: only the structure and the arithmetic of the report."""
+
+import csv
+import importlib.util
+import json
+import math
+
+import pytest
+from test_cli import PNG_MAGIC, assert_ok, assert_usage_error, run_partrain, subprocess_env
+
+TINY = ["--model", "mlp", "--batch-size", "16", "--repeats", "2", "--duration", "0.2",
+        "--warmup", "0.1"]
+ROW_FIELDS = ("model", "batch_size", "n_jobs", "dtype", "engine", "threads", "examples_per_s",
+              "examples_per_s_min", "examples_per_s_max", "speedup", "efficiency")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib")
+    cwd = tmp_path_factory.mktemp("bench")
+    proc = run_partrain("bench", *TINY, "--n-jobs", "1,2", "--json", "b.json", "--csv", "b.csv",
+                        "--plot", "b.png", "--quiet", cwd=cwd)
+    assert_ok(proc)
+    return cwd, proc, json.loads((cwd / "b.json").read_text())
+
+
+def test_bench_json_rows_and_ratios(bench_run):
+    _, _, report = bench_run
+    rows = report["rows"]
+    assert [(r["model"], r["batch_size"], r["n_jobs"]) for r in rows] == [("mlp", 16, 1),
+                                                                          ("mlp", 16, 2)]
+    for r in rows:
+        missing = [f for f in ROW_FIELDS if f not in r]
+        assert not missing, missing
+        assert r["dtype"] == "float32"
+        assert r["engine"].startswith("partrain")
+        assert 0 < r["examples_per_s_min"] <= r["examples_per_s"] <= r["examples_per_s_max"]
+        assert len(r["windows"]) == 2
+        assert r["efficiency"] == pytest.approx(r["speedup"] / r["n_jobs"])
+    base, two = rows
+    assert base["speedup"] == 1.0 and base["efficiency"] == 1.0
+    assert two["speedup"] == pytest.approx(two["examples_per_s"] / base["examples_per_s"])
+    assert report["torch_skipped"] is None
+    assert report["settings"]["repeats"] == 2
+
+
+def test_bench_reports_the_machine(bench_run):
+    _, _, report = bench_run
+    machine = report["machine"]
+    for key in ("cpu", "cores", "python", "numpy", "blas", "platform"):
+        assert key in machine, key
+    assert isinstance(machine["cores"], int) and machine["cores"] >= 1
+    assert machine["cpu"]
+    assert report["matmul_peak_gflops_per_core"] > 0
+
+
+def test_bench_csv_has_the_same_rows(bench_run):
+    cwd, _, report = bench_run
+    with open(cwd / "b.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(report["rows"])
+    for got, want in zip(rows, report["rows"]):
+        for key in ("model", "dtype", "engine"):
+            assert got[key] == want[key]
+        for key in ("batch_size", "n_jobs", "threads"):
+            assert int(got[key]) == want[key]
+        for key in ("examples_per_s", "examples_per_s_min", "examples_per_s_max", "speedup",
+                    "efficiency"):
+            assert math.isclose(float(got[key]), want[key], rel_tol=1e-9), key
+        assert got["machine_cores"] == str(report["machine"]["cores"])
+
+
+def test_bench_prints_the_table_and_writes_the_plot(bench_run):
+    cwd, proc, _ = bench_run
+    assert "examples/s" in proc.stdout and "speedup" in proc.stdout
+    assert "matmul peak" in proc.stdout
+    for name in ("b.json", "b.csv", "b.png"):
+        assert f"wrote {name}" in proc.stdout
+    data = (cwd / "b.png").read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 1000
+
+
+def test_bench_compare_torch(tmp_path):
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("PyTorch is not installed (pip install 'partrain[compare]')")
+    proc = run_partrain("bench", *TINY, "--repeats", "1", "--duration", "0.05", "--warmup", "0",
+                        "--n-jobs", "1", "--compare", "torch", "--json", "t.json", "--quiet",
+                        cwd=tmp_path)
+    assert_ok(proc)
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert report["torch_skipped"] is None
+    torch_rows = [r for r in report["rows"] if r["engine"] == "torch"]
+    assert torch_rows, report["rows"]
+    for r in torch_rows:
+        assert isinstance(r["threads"], int) and r["threads"] >= 1
+        assert r["model"] == "mlp" and r["batch_size"] == 16 and r["examples_per_s"] > 0
+        assert r["speedup"] is None  # speedups are partrain's, against partrain n_jobs=1
+    assert 1 in {r["threads"] for r in torch_rows}
+    assert "ratio" in proc.stdout and "torch" in proc.stdout
+
+
+def test_bench_compare_torch_when_torch_is_missing(tmp_path):
+    """A sitecustomize makes `import torch` fail in the subprocess, as on a machine without it:
+    the run succeeds, says the comparison was skipped and why, and has no torch rows."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None\n")
+    env = subprocess_env()
+    env["PYTHONPATH"] = f"{shim}:{env['PYTHONPATH']}"
+    proc = run_partrain("bench", *TINY, "--repeats", "1", "--warmup", "0", "--n-jobs", "1",
+                        "--compare", "torch", "--json", "t.json", "--quiet", cwd=tmp_path,
+                        env=env)
+    assert_ok(proc)
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert report["torch_skipped"] and "not installed" in report["torch_skipped"]
+    assert all(r["engine"] != "torch" for r in report["rows"])
+    assert [r["n_jobs"] for r in report["rows"]] == [1]
+    skipped = [line for line in proc.stdout.splitlines() if "skipped" in line]
+    assert skipped and "torch" in skipped[0].lower() and "not installed" in skipped[0], \
+        proc.stdout
+    assert "partrain[compare]" in skipped[0]
+
+
+def test_bench_dask_backend_has_speedups(tmp_path):
+    """With --backend dask the n_jobs=1 row is the reference too: speedup 1.0, efficiency 1.0."""
+    pytest.importorskip("distributed", reason="--backend dask needs partrain[dask]")
+    proc = run_partrain("bench", *TINY, "--repeats", "1", "--duration", "0.05", "--warmup", "0",
+                        "--n-jobs", "1", "--backend", "dask", "--json", "d.json", "--quiet",
+                        cwd=tmp_path)
+    assert_ok(proc)
+    (row,) = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert row["n_jobs"] == 1 and "dask" in row["engine"]
+    assert row["speedup"] == 1.0 and row["efficiency"] == 1.0, row
+
+
+BAD_OPTIONS = [  # (arguments, words the one-line message must contain)
+    (["--n-jobs", "0"], ["n_jobs", "0"]),
+    (["--n-jobs", "1,x"], ["--n-jobs", "1,x"]),
+    (["--model", "nope"], ["nope"]),
+    (["--batch-size", "0"], ["batch_size"]),
+    (["--repeats", "0"], ["repeats"]),
+    (["--duration", "0"], ["duration"]),
+    (["--dtype", "float16"], ["--dtype"]),
+    (["--compare", "tensorflow"], ["--compare"]),
+    (["--scheduler", "tcp://127.0.0.1:1"], ["--scheduler", "dask"]),
+]
+
+
+@pytest.mark.parametrize("args, needles", BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_bench_bad_options_are_one_line_exit_2(args, needles, tmp_path):
+    proc = run_partrain("bench", *args, "--quiet", cwd=tmp_path)
+    assert_usage_error(proc, *needles)
+    assert list(tmp_path.iterdir()) == []
