@@ -207,12 +207,13 @@ class Sequential:
             raise ValueError(f"`{name}` contains NaN or infinite values.")
         return X
 
-    def check_Xy(self, X, y) -> tuple[np.ndarray, np.ndarray]:
-        """Validated (X, class ids) of equal length."""
-        X = self.check_X(X)
-        y = as_class_ids(y, self.n_classes, len(X))
+    def check_Xy(self, X, y, names: tuple[str, str] = ("X", "y")) -> tuple[np.ndarray, np.ndarray]:
+        """Validated (X, class ids) of equal length; `names` label them in error messages."""
+        X = self.check_X(X, names[0])
+        y = as_class_ids(y, self.n_classes, len(X), names[1])
         if len(y) != len(X):
-            raise ValueError(f"`X` and `y` must have the same length, got {len(X)} and {len(y)}.")
+            raise ValueError(f"`{names[0]}` and `{names[1]}` must have the same length, got "
+                             f"{len(X)} and {len(y)}.")
         return X, y
 
     def _check_vector(self, params: np.ndarray) -> None:

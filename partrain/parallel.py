@@ -59,6 +59,7 @@ class ChunkTotals(NamedTuple):
     loss: float
     n_correct: int
     n_examples: int
+    stats: np.ndarray | None  # batch-norm statistics to fold in (chunk-size weighted mean)
 
 
 class StepTiming(NamedTuple):
@@ -172,34 +173,37 @@ class Engine:
     def __init__(self, model: Sequential, chunk_size: int):
         self.model = model
         self.chunk_size = int(chunk_size)
-        self._data_id: tuple | None = None
 
     def bind(self, X: np.ndarray, y: np.ndarray) -> None:
-        """Make (X, y), already validated and cast to the model's dtype, the training set."""
-        data_id = (id(X), X.shape, id(y))
-        if data_id != self._data_id:
-            self._bind_data(X, y)
-            self._data_id = data_id
+        """Make (X, y), already validated and cast to the model's dtype, the training set.
+
+        Called at every `fit`: the data may have changed in place since the last one.
+        """
+        self._bind_data(X, y)
 
     def gradient(self, batch_idx: np.ndarray, step_key: tuple[int, ...],
                  out: np.ndarray) -> ChunkTotals:
-        """Write the SUMMED gradient of the examples `batch_idx` into `out`; fold BN stats."""
+        """Write the SUMMED gradient of the examples `batch_idx` into `out`.
+
+        Batch-norm statistics come back in the result for the caller to fold in once it has
+        decided to apply the step (never after a non-finite loss).
+        """
         chunks = plan_chunks(len(batch_idx), self.chunk_size)
         t0 = time.perf_counter()
         results, busy = self._run(batch_idx, chunks, step_key)
         t1 = time.perf_counter()
         reduce_in_order(self._grad_slots, len(chunks), out)
+        stats = None
         if self.model.buffers.size:
             weights = np.array([stop - start for start, stop in chunks], dtype=out.dtype)
             stats = np.zeros_like(self.model.buffers)
             for k, w in enumerate(weights):
                 stats += (w / weights.sum()) * self._stats_slots[k]
-            self.model.fold_batch_stats(stats)
         self.last_timing = StepTiming(t1 - t0, max(busy), sum(busy), time.perf_counter() - t1)
         loss = 0.0
         for chunk_loss, _ in results:
             loss += chunk_loss
-        return ChunkTotals(loss, sum(c for _, c in results), len(batch_idx))
+        return ChunkTotals(loss, sum(c for _, c in results), len(batch_idx), stats)
 
     def slots_needed(self, batch_size: int) -> int:
         return -(-batch_size // self.chunk_size)
@@ -445,9 +449,13 @@ class LokyEngine(Engine):
             setattr(self.model, name, shared)
 
     def _bind_data(self, X, y):
-        self._new_shared("X", X.shape, X.dtype)[...] = X
-        self._new_shared("y", y.shape, y.dtype)[...] = y
-        self._token = secrets.token_hex(8)  # workers re-attach on their next task
+        """Copy the data into shared memory, reusing the segments when the shapes still fit."""
+        for name, values in (("X", X), ("y", y)):
+            old = self._shared.get(name)
+            if old is None or old.array.shape != values.shape or old.array.dtype != values.dtype:
+                self._new_shared(name, values.shape, values.dtype)
+                self._token = secrets.token_hex(8)  # workers re-attach on their next task
+            self._shared[name].array[...] = values
 
     def _spec(self) -> SessionSpec:
         """The session description sent with each task; rebuilt only when the data change."""
@@ -517,13 +525,12 @@ class LokyEngine(Engine):
                     per_chunk[k] = (loss, correct)
         except BrokenProcessPool as exc:
             raise _WorkerDied(str(exc).split("\n")[0]) from None
-        except BaseException as exc:
-            for future in futures:
-                future.cancel()
-            if isinstance(exc, Exception):
-                self._shutdown_pool(kill=True)
-                raise _as_worker_error(exc, step_key) from None
-            raise  # KeyboardInterrupt / SystemExit: the caller shuts down
+        except Exception as exc:
+            # No future.cancel() here: loky's kill-shutdown fails the pending futures itself,
+            # and cancelling first makes that shutdown crash and leave workers behind.
+            self._shutdown_pool(kill=True)
+            raise _as_worker_error(exc, step_key) from None
+        # KeyboardInterrupt / SystemExit propagate: the trainer shuts the pool down.
         return [per_chunk[k] for k in range(len(per_chunk))], busy
 
     def _shutdown_pool(self, kill: bool) -> None:

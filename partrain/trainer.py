@@ -134,6 +134,7 @@ class Trainer:
         self._engine = None
         self._engine_finalizer = None
         self._guard = _InterruptGuard()
+        self._shuffle = True
 
     def _check_backend(self) -> None:
         from .parallel import BACKENDS
@@ -171,7 +172,7 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def fit(self, X, y, epochs: int = 1, validation_data: tuple | None = None,
-            shuffle: bool = True, callbacks: tuple[Callback, ...] | list = ()) -> History:
+            shuffle: bool | None = None, callbacks: tuple[Callback, ...] | list = ()) -> History:
         """Train for `epochs` more epochs (finishing an interrupted one first); return history.
 
         Raises
@@ -193,10 +194,12 @@ class Trainer:
         if validation_data is not None:
             if len(validation_data) != 2:
                 raise ValueError("`validation_data` must be a pair (X_val, y_val).")
-            validation_data = self.model.check_Xy(*validation_data)
+            validation_data = self.model.check_Xy(
+                *validation_data, names=("validation_data[0]", "validation_data[1]"))
         X, y = np.ascontiguousarray(X), np.ascontiguousarray(y)
         self.stop_training = False
-        self._shuffle = bool(shuffle)
+        if shuffle is not None:  # None keeps the run's setting (True, or the checkpoint's)
+            self._shuffle = bool(shuffle)
         with self._guard, self._blas_limit():
             try:
                 self.engine.bind(X, y)
@@ -266,6 +269,8 @@ class Trainer:
         grad *= grad.dtype.type(1.0 / totals.n_examples)  # the sum becomes a mean
         with self._guard.atomic():  # the update and its bookkeeping: together or not at all
             self.optimizer.step(self.model.params, grad)
+            if totals.stats is not None:
+                self.model.fold_batch_stats(totals.stats)
             p = self._partial
             p["loss"] += totals.loss
             p["correct"] += totals.n_correct
@@ -307,7 +312,7 @@ class Trainer:
         """The trainer's settings that determine the results (JSON-ready)."""
         return {"batch_size": self.batch_size, "chunk_size": self.chunk_size, "seed": self.seed,
                 "lr_schedule": self.lr_schedule.config(), "base_lr": self.base_lr,
-                "shuffle": getattr(self, "_shuffle", True)}
+                "shuffle": self._shuffle}
 
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
         """Write everything needed to resume bit-for-bit to one `.npz`, atomically.

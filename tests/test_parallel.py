@@ -1,0 +1,317 @@
+"""Tests of ``partrain.parallel``: chunk plans, ordered reduction, engines and shared memory."""
+
+import inspect
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from faulty_layers import blas_report, shm_segments, wait_gone
+from joblib import cpu_count
+
+from partrain import zoo
+from partrain.parallel import (
+    LokyEngine,
+    SerialEngine,
+    default_chunk_size,
+    plan_chunks,
+    reduce_in_order,
+    resolve_n_jobs,
+    split_evenly,
+)
+
+STEP_KEY = (0, 1, 0, 3)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_data(model, m, seed=0):
+    """`m` random examples of `model`'s input shape and dtype, with random labels."""
+    rng = np.random.default_rng(seed)
+    X = rng.random((m, *model.input_shape)).astype(model.dtype)
+    return X, rng.integers(0, model.n_classes, size=m)
+
+
+def serial_gradient(model, X, y, batch_idx, chunk_size, step_key=STEP_KEY):
+    """(summed gradient, totals) of `batch_idx` by a SerialEngine on a copy of `model`."""
+    engine = SerialEngine(model.copy(), chunk_size)
+    engine.bind(X, y)
+    out = np.empty_like(model.params)
+    totals = engine.gradient(batch_idx, step_key, out)
+    return out, totals, engine.model.buffers
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("n, size", [(0, 4), (1, 4), (8, 4), (10, 4), (10, 1), (3, 10),
+                                     (230, 8)])
+def test_plan_chunks_tiles_the_batch_in_fixed_sizes(n, size):
+    """Chunks are contiguous, cover [0, n) once, all of `size` except a shorter last one."""
+    chunks = plan_chunks(n, size)
+    assert len(chunks) == -(-n // size)
+    assert [start for start, _ in chunks] == list(range(0, n, size))
+    assert all(stop == min(start + size, n) for start, stop in chunks)
+    assert sum(stop - start for start, stop in chunks) == n
+
+
+@pytest.mark.parametrize("n_items, n_groups", [(10, 3), (3, 5), (7, 7), (8, 2), (5, 1), (1, 4)])
+def test_split_evenly_is_contiguous_and_balanced(n_items, n_groups):
+    """Groups keep the order, cover every item, and their sizes differ by at most one."""
+    items = list(range(n_items))
+    groups = split_evenly(items, n_groups)
+    assert len(groups) == min(n_groups, n_items)
+    assert [x for g in groups for x in g] == items
+    sizes = [len(g) for g in groups]
+    assert min(sizes) >= 1
+    assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("n_jobs, expected", [
+    (1, 1), (3, 3), (np.int64(2), 2), (-1, cpu_count()), (-2, max(1, cpu_count() - 1)),
+    (-10_000, 1),
+])
+def test_resolve_n_jobs_follows_joblib(n_jobs, expected):
+    """Positive counts pass through; -1 means all cores, -2 all but one, never below 1."""
+    resolved = resolve_n_jobs(n_jobs)
+    assert resolved == expected
+    assert type(resolved) is int
+
+
+@pytest.mark.parametrize("n_jobs", [0, True, False, 1.5, 2.0, "2", None])
+def test_resolve_n_jobs_rejects_non_integers_and_zero(n_jobs):
+    """0, bools, floats, strings and None are refused with a message naming n_jobs."""
+    with pytest.raises(ValueError, match="n_jobs"):
+        resolve_n_jobs(n_jobs)
+
+
+def test_default_chunk_size_cannot_depend_on_n_jobs():
+    """The signature has no n_jobs (nor any other worker-count argument)."""
+    assert list(inspect.signature(default_chunk_size).parameters) == ["model", "batch_size"]
+
+
+@pytest.mark.parametrize("make_model", [zoo.digits_cnn, zoo.mnist_cnn,
+                                        lambda: zoo.mlp(dims=(64, 32, 10), dropout=0.3)],
+                         ids=["digits_cnn", "mnist_cnn", "mlp"])
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 7, 64, 1000, 100_000])
+def test_default_chunk_size_stays_within_the_batch(make_model, batch_size):
+    """1 <= chunk <= batch_size for cheap and expensive models, tiny and huge batches."""
+    chunk = default_chunk_size(make_model(), batch_size)
+    assert isinstance(chunk, int)
+    assert 1 <= chunk <= batch_size
+
+
+def test_default_chunk_size_splits_expensive_batches():
+    """An expensive model's batch is cut into several chunks (else n_jobs would be useless)."""
+    assert default_chunk_size(zoo.mnist_cnn(), 256) < 256
+
+
+# ----------------------------------------------------------------------------- reduction
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_reduce_in_order_is_a_left_to_right_float32_sum(n):
+    """out == ((s0 + s1) + s2) + ... bit for bit; slots beyond n are ignored."""
+    rng = np.random.default_rng(n)
+    slots = (rng.normal(size=(6, 257)) * 10.0 ** rng.integers(-8, 8, size=(6, 257)))
+    slots = slots.astype(np.float32)
+    expected = slots[0].copy()
+    for k in range(1, n):
+        expected = (expected + slots[k]).astype(np.float32)
+    out = np.full(257, np.nan, dtype=np.float32)
+    result = reduce_in_order(slots, n, out)
+    assert result is out
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, expected)
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+@pytest.fixture(scope="module")
+def cnn64():
+    """A float64 digits CNN, 90 examples and a shuffled batch of 40 of them."""
+    model = zoo.digits_cnn(seed=3, dtype="float64")
+    X, y = make_data(model, 90, seed=1)
+    batch_idx = np.random.default_rng(2).permutation(90)[:40]
+    return model, X, y, batch_idx
+
+
+@pytest.fixture(scope="module")
+def loky_cnn(cnn64):
+    """A LokyEngine with 2 workers over a copy of the CNN, chunk 7 (6 chunks, last ragged)."""
+    model, X, y, _ = cnn64
+    engine = LokyEngine(model.copy(), chunk_size=7, n_jobs=2, batch_size=40)
+    engine.bind(X, y)
+    yield engine
+    engine.close(kill=True)
+
+
+def test_pool_gradient_equals_whole_batch_gradient(cnn64, loky_cnn):
+    """Pool result / batch size == loss_and_grad(batch) / batch size (float64, rtol 1e-10)."""
+    model, X, y, batch_idx = cnn64
+    out = np.full_like(model.params, np.nan)
+    totals = loky_cnn.gradient(batch_idx, STEP_KEY, out)
+    whole = model.loss_and_grad(model.params, X[batch_idx], y[batch_idx])
+    m = len(batch_idx)
+    np.testing.assert_allclose(out / m, whole.grad / m, rtol=1e-10, atol=1e-14)
+    assert totals.n_examples == m
+    assert totals.n_correct == whole.n_correct
+    assert totals.loss == pytest.approx(whole.loss, rel=1e-12)
+    assert len(loky_cnn.worker_pids()) == 2
+
+
+@pytest.mark.parametrize("n_examples", [40, 33, 7, 1])
+def test_pool_gradient_equals_serial_bit_for_bit(cnn64, loky_cnn, n_examples):
+    """Full, ragged, single-chunk and single-example batches: identical to SerialEngine."""
+    model, X, y, batch_idx = cnn64
+    idx = batch_idx[:n_examples]
+    out = np.empty_like(model.params)
+    totals = loky_cnn.gradient(idx, STEP_KEY, out)
+    expected, expected_totals, _ = serial_gradient(model, X, y, idx, chunk_size=7)
+    np.testing.assert_array_equal(out, expected)
+    assert totals == expected_totals
+
+
+def test_pool_sees_params_assigned_by_the_user(cnn64, loky_cnn):
+    """Replacing engine.model.params by a new array is what the next gradient uses."""
+    model, X, y, batch_idx = cnn64
+    original = loky_cnn.model.params.copy()
+    try:
+        loky_cnn.model.params = original * 0.5
+        out = np.empty_like(original)
+        loky_cnn.gradient(batch_idx, STEP_KEY, out)
+        halved = model.copy()
+        halved.params[...] = original * 0.5
+        expected, _, _ = serial_gradient(halved, X, y, batch_idx, chunk_size=7)
+        np.testing.assert_array_equal(out, expected)
+    finally:
+        loky_cnn.model.params[...] = original
+
+
+def test_pool_uses_newly_bound_data(cnn64):
+    """Binding other data of the same shape makes the workers use them on the next step."""
+    model, X, y, batch_idx = cnn64
+    engine = LokyEngine(model.copy(), chunk_size=20, n_jobs=2, batch_size=40)
+    X2, y2 = X * 2.0, y[::-1].copy()
+    out = np.empty_like(model.params)
+    try:
+        engine.bind(X, y)
+        engine.gradient(batch_idx, STEP_KEY, out)
+        engine.bind(X2, y2)
+        engine.gradient(batch_idx, STEP_KEY, out)
+    finally:
+        engine.close(kill=True)
+    expected, _, _ = serial_gradient(model, X2, y2, batch_idx, chunk_size=20)
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("dropout, batchnorm", [(0.3, False), (0.0, True)],
+                         ids=["dropout", "batchnorm"])
+def test_pool_gradient_with_dropout_and_batchnorm_equals_serial(dropout, batchnorm):
+    """Random masks and batch statistics are identical too (float32 MLP)."""
+    model = zoo.mlp(dims=(64, 32, 10), dropout=dropout, batchnorm=batchnorm, seed=1)
+    X, y = make_data(model, 50, seed=4)
+    idx = np.random.default_rng(0).permutation(50)[:45]
+    engine = LokyEngine(model.copy(), chunk_size=8, n_jobs=2, batch_size=45)
+    try:
+        engine.bind(X, y)
+        out = np.empty_like(model.params)
+        totals = engine.gradient(idx, STEP_KEY, out)
+    finally:
+        engine.close(kill=True)
+    reference = SerialEngine(model.copy(), 8)
+    reference.bind(X, y)
+    expected = np.empty_like(model.params)
+    expected_totals = reference.gradient(idx, STEP_KEY, expected)
+    np.testing.assert_array_equal(out, expected)
+    assert totals[:3] == expected_totals[:3]
+    if batchnorm:
+        # the chunk-weighted mean of the chunks' statistics, identical on both engines
+        np.testing.assert_array_equal(totals.stats, expected_totals.stats)
+        assert not np.array_equal(totals.stats, model.buffers)
+    else:
+        assert totals.stats is None and expected_totals.stats is None
+
+
+@pytest.mark.parametrize("blas_threads", [1, 2])
+def test_workers_run_with_the_requested_blas_threads(blas_threads):
+    """Each worker's BLAS environment variables and BLAS pools are set to `blas_threads`."""
+    model = zoo.mlp(dims=(64, 32, 10))
+    X, y = make_data(model, 16)
+    engine = LokyEngine(model, chunk_size=4, n_jobs=2, batch_size=16, blas_threads=blas_threads)
+    try:
+        engine.bind(X, y)
+        engine.gradient(np.arange(16), STEP_KEY, np.empty_like(model.params))
+        reports = [engine._pool.submit(blas_report).result() for _ in range(4)]
+    finally:
+        engine.close(kill=True)
+    expected = str(blas_threads)
+    for report in reports:
+        assert report["pid"] != os.getpid()
+        assert report["env"] == {var: expected for var in report["env"]}
+        assert report["threads"], "no BLAS library found in the worker"
+        assert set(report["threads"].values()) == {blas_threads}
+
+
+# ----------------------------------------------------------------------------- shared memory
+
+
+def test_close_unlinks_shared_memory_and_privatises_params():
+    """After close: no segment of ours left, workers gone, params private with their values."""
+    model = zoo.mlp(dims=(64, 32, 10), batchnorm=True)
+    X, y = make_data(model, 32)
+    before = shm_segments(os.getpid())  # ours only: other processes may use partrain too
+    engine = LokyEngine(model, chunk_size=8, n_jobs=2, batch_size=32)
+    engine.bind(X, y)
+    engine.gradient(np.arange(32), STEP_KEY, np.empty_like(model.params))
+    assert shm_segments(os.getpid()) - before, "the engine should use shared memory"
+    shared_params = model.params
+    model.params[...] += 1.0  # a master-side update, like the optimizer's
+    values, buffers = model.params.copy(), model.buffers.copy()
+    pids = engine.worker_pids()
+    engine.close()
+    engine.close()  # idempotent
+    assert shm_segments(os.getpid()) - before == set()
+    assert wait_gone(pids) == []
+    for array, expected in ((model.params, values), (model.buffers, buffers)):
+        assert array.flags.owndata and array.flags.writeable
+        np.testing.assert_array_equal(array, expected)
+    assert not np.shares_memory(model.params, shared_params)
+    model.params[...] = 0.0  # writable private memory: no crash, no effect on a dead segment
+
+
+def test_interrupt_while_dispatching_still_stops_every_worker(monkeypatch):
+    """Ctrl-C while a step's first task still waits in the pool's queue: close(kill=True)
+    must still stop every worker (a survivor makes the interpreter wait for it at exit)."""
+    model = zoo.mlp(dims=(64, 32, 10))
+    X, y = make_data(model, 40)
+    engine = LokyEngine(model, chunk_size=10, n_jobs=2, batch_size=40)
+    out = np.empty_like(model.params)
+    engine.bind(X, y)
+    engine.gradient(np.arange(40), STEP_KEY, out)
+    pids, submit, calls = engine.worker_pids(), engine._pool.submit, []
+
+    def submit_then_interrupt(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:  # busy workers and a full call queue: this task stays queued
+            for _ in range(8):
+                submit(time.sleep, 0.5)
+            return submit(*args, **kwargs)
+        raise KeyboardInterrupt  # as if Ctrl-C arrived between the two submissions
+
+    monkeypatch.setattr(engine._pool, "submit", submit_then_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            engine.gradient(np.arange(40), (*STEP_KEY, 1), out)
+        engine.close(kill=True)
+        survivors = wait_gone(pids, timeout=3)
+    finally:
+        for pid in wait_gone(pids, timeout=0):  # never leave a worker for the exit handler
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert survivors == [], "workers survived close(kill=True)"
