@@ -390,7 +390,8 @@ def trained_bn_model():
     model = all_layer_types_model(dtype="float32", seed=4)
     for step in range(3):
         X, y = data(model, m=6, seed=step)
-        model.fold_batch_stats(model.loss_and_grad(model.params, X, y, Context(True, (step,))).stats)
+        result = model.loss_and_grad(model.params, X, y, Context(True, (step,)))
+        model.fold_batch_stats(result.stats)
     assert not np.allclose(model.buffers, Sequential(model.layers, model.input_shape).buffers)
     return model
 
