@@ -3,7 +3,8 @@
 Each configuration (model, batch size, n_jobs) runs full training steps (fan-out, chunk
 forward/backward, ordered reduction, Adam on the master) on synthetic data of the model's
 input shape, after a warm-up, in several timed windows; speedup and efficiency are taken
-against n_jobs=1 measured in the same run.
+against n_jobs=1 measured in the same run. With the Dask backend, the local backend is timed
+at the same configurations too, so the table shows Dask's extra cost per step beside it.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class BenchRow:
     master_peak_rss_mb: float | None = None
     worker_peak_rss_mb: list[float] = field(default_factory=list)
     worker_private_rss_mb: list[float] = field(default_factory=list)
+    bytes_per_step: int | None = None  # Dask: parameters sent + gradients received, per step
     windows: list[float] = field(default_factory=list)
 
 
@@ -137,15 +139,15 @@ def _windows(step, batch_size: int, duration: float, warmup: float, repeats: int
 def bench_partrain(model_name: str, batch_size: int, n_jobs: int, dtype: str = "float32",
                    repeats: int = 5, duration: float = 3.0, warmup: float = 1.0,
                    chunk_size: int | None = None, backend: str = "loky",
-                   backend_options: dict | None = None) -> BenchRow:
-    """Time full training steps of one configuration."""
+                   scheduler=None) -> BenchRow:
+    """Time full training steps of one configuration (`scheduler`: see `Trainer`)."""
     model = zoo.get(model_name, dtype=dtype)
     rng = np.random.default_rng(0)
     X = rng.random((max(SYNTHETIC_EXAMPLES, batch_size), *model.input_shape)).astype(dtype)
     y = rng.integers(0, model.n_classes, len(X))
     trainer = Trainer(model, Adam(1e-4), n_jobs=n_jobs, batch_size=batch_size,
                       chunk_size=chunk_size, progress=False, backend=backend,
-                      backend_options=backend_options)
+                      scheduler=scheduler)
     grad = np.empty_like(model.params)
     timings = []
     state = {"step": 0}
@@ -163,6 +165,7 @@ def bench_partrain(model_name: str, batch_size: int, n_jobs: int, dtype: str = "
         trainer.engine.bind(X, y)
         rates = _windows(step, batch_size, duration, warmup, repeats)
         workers = [_peak_rss_mb(pid) for pid in getattr(trainer.engine, "worker_pids", list)()]
+        moved = getattr(trainer.engine, "last_bytes", None)
     recent = timings[len(timings) // 2:]  # steady state
     step_s = statistics.median(t for t, _ in recent)
     run_s = statistics.median(t.run for _, t in recent)
@@ -178,7 +181,9 @@ def bench_partrain(model_name: str, batch_size: int, n_jobs: int, dtype: str = "
         compute_ms=1e3 * compute_s, engine_ms=1e3 * (run_s - compute_s + reduce_s),
         optimizer_ms=1e3 * max(step_s - run_s - reduce_s, 0.0),
         master_peak_rss_mb=_peak_rss_mb()[0], worker_peak_rss_mb=[w[0] for w in workers],
-        worker_private_rss_mb=[w[1] for w in workers], windows=rates)
+        worker_private_rss_mb=[w[1] for w in workers],
+        bytes_per_step=moved and moved["params"] * moved["workers"] + moved["grads"],
+        windows=rates)
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -252,9 +257,11 @@ def bench_torch(model_name: str, batch_size: int, threads: int, repeats: int = 5
 def run_bench(models: list[str], batch_sizes: list[int], n_jobs: list[int],
               dtype: str = "float32", repeats: int = 5, duration: float = 3.0,
               warmup: float = 1.0, compare_torch: bool = False, chunk_size: int | None = None,
-              backend: str = "loky", backend_options: dict | None = None,
-              progress: bool = True) -> dict:
+              backend: str = "loky", scheduler=None, progress: bool = True) -> dict:
     """Measure every (model, batch size, n_jobs) and optionally PyTorch; return a report dict.
+
+    backend="dask" times the local (loky) backend at the same configurations first, as the
+    reference for Dask's overhead; `scheduler` is the Dask cluster (see `Trainer`).
 
     The report holds `machine`, `matmul_peak_gflops_per_core`, `rows` (dicts of `BenchRow`),
     and `torch_skipped` (the reason, when a requested comparison could not run).
@@ -271,7 +278,9 @@ def run_bench(models: list[str], batch_sizes: list[int], n_jobs: list[int],
                          f"{repeats}, {duration}, {warmup}.")
     skipped = torch_unavailable_reason() if compare_torch else None
     torch_threads = sorted({1, os.cpu_count() or 1})
-    configs = [(m, b, j) for m in models for b in batch_sizes for j in sorted(set(n_jobs))]
+    backends = ["loky"] if backend == "loky" else ["loky", backend]
+    configs = [(m, b, j, be) for m in models for b in batch_sizes for be in backends
+               for j in sorted(set(n_jobs))]
     n_torch = len(models) * len(batch_sizes) * len(torch_threads) if compare_torch and not \
         skipped else 0
     from tqdm.auto import tqdm
@@ -279,10 +288,10 @@ def run_bench(models: list[str], batch_sizes: list[int], n_jobs: list[int],
     rows = []
     with tqdm(total=len(configs) + n_torch, desc="bench", disable=not progress,
               file=sys.stderr) as bar:
-        for m, b, j in configs:
-            bar.set_postfix_str(f"{m} batch {b} n_jobs {j}")
+        for m, b, j, be in configs:
+            bar.set_postfix_str(f"{m} batch {b} {be} n_jobs {j}")
             rows.append(bench_partrain(m, b, j, dtype, repeats, duration, warmup, chunk_size,
-                                       backend, backend_options))
+                                       be, scheduler if be == "dask" else None))
             bar.update()
         if n_torch:
             for m in models:
@@ -299,9 +308,12 @@ def run_bench(models: list[str], batch_sizes: list[int], n_jobs: list[int],
 
 
 def _add_ratios(rows: list[BenchRow]) -> None:
-    """Speedup and efficiency against partrain's n_jobs=1 for the same model and batch size."""
-    base = {(r.model, r.batch_size): r.examples_per_s for r in rows
-            if r.n_jobs == 1 and r.engine != "torch"}
+    """Speedup and efficiency against partrain's n_jobs=1 for the same model and batch size:
+    the in-process run when measured, else the backend's own n_jobs=1 run."""
+    base = {}
+    for r in sorted((r for r in rows if r.n_jobs == 1 and r.engine != "torch"),
+                    key=lambda r: r.engine != "partrain"):  # in-process first
+        base.setdefault((r.model, r.batch_size), r.examples_per_s)
     for r in rows:
         if r.engine == "torch":
             continue
@@ -333,8 +345,25 @@ def format_table(report: dict) -> str:
     lines.append(f"matmul peak (1 thread, {report['settings']['dtype']}): "
                  f"{report['matmul_peak_gflops_per_core']:.1f} GFLOP/s per core; "
                  f"{report['machine']['cpu']}, {report['machine']['cores']} cores")
+    lines += _dask_overhead_lines(report)
     lines += _torch_ratio_lines(report)
     return "\n".join(lines)
+
+
+def _dask_overhead_lines(report: dict) -> list[str]:
+    """Per step, what Dask costs beyond the local backend at the same n_jobs."""
+    local = {(r["model"], r["batch_size"], r["n_jobs"]): r for r in report["rows"]
+             if r["engine"] in ("partrain", "partrain-loky")}
+    lines = []
+    for r in report["rows"]:
+        ref = local.get((r["model"], r["batch_size"], r["n_jobs"]))
+        if r["engine"] == "partrain-dask" and ref:
+            lines.append(
+                f"dask {r['model']} batch {r['batch_size']} n_jobs {r['n_jobs']}: step "
+                f"{r['step_ms']:.2f} ms vs local {ref['step_ms']:.2f} ms (+"
+                f"{r['step_ms'] - ref['step_ms']:.2f} ms); {r['bytes_per_step'] / 1e6:.2f} MB "
+                "over the network per step")
+    return lines
 
 
 def _fmt(value, spec: str, width: int = 8) -> str:
@@ -384,11 +413,13 @@ def plot_scaling(report: dict, path: str | Path) -> Path:
     rows = [r for r in report["rows"] if r["engine"] != "torch"]
     fig, (ax_rate, ax_speed) = plt.subplots(1, 2, figsize=(11, 4.2))
     max_jobs = max(r["n_jobs"] for r in rows)
-    for key in sorted({(r["model"], r["batch_size"]) for r in rows}):
-        sel = sorted((r for r in rows if (r["model"], r["batch_size"]) == key),
-                     key=lambda r: r["n_jobs"])
+    def curve(r: dict) -> tuple:
+        return r["model"], r["batch_size"], r["engine"] == "partrain-dask"
+
+    for key in sorted({curve(r) for r in rows}):
+        sel = sorted((r for r in rows if curve(r) == key), key=lambda r: r["n_jobs"])
         jobs = [r["n_jobs"] for r in sel]
-        label = f"{key[0]}, batch {key[1]}"
+        label = f"{key[0]}, batch {key[1]}" + (" (dask)" if key[2] else "")
         ax_rate.errorbar(jobs, [r["examples_per_s"] for r in sel], fmt="o-", label=label,
                          yerr=[[r["examples_per_s"] - r["examples_per_s_min"] for r in sel],
                                [r["examples_per_s_max"] - r["examples_per_s"] for r in sel]])
@@ -428,8 +459,10 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up")
     bench.add_argument("--compare", choices=["torch"], default=None,
                        help="also time the same networks in PyTorch")
-    bench.add_argument("--backend", choices=["loky", "dask"], default="loky")
-    bench.add_argument("--scheduler", default=None, help="dask scheduler address")
+    bench.add_argument("--backend", choices=["loky", "dask"], default="loky",
+                       help="dask: also times the local backend, to show Dask's overhead")
+    bench.add_argument("--scheduler", default=None,
+                       help="dask scheduler address tcp://HOST:8786 (default: a local cluster)")
     bench.add_argument("--json", default=None, help="write the full report here")
     bench.add_argument("--csv", default=None, help="write one row per configuration here")
     bench.add_argument("--plot", default=None, help="write the scaling plot (PNG) here")
@@ -439,19 +472,16 @@ def add_bench_parser(sub) -> None:
 
 def cmd_bench(args) -> int:
     """`partrain bench`: run, print the table, write the requested files."""
-    from .cli import UsageError
+    from .cli import _scheduler
 
     if args.plot:
         from .plots import require_matplotlib
 
         require_matplotlib()
-    if args.scheduler and args.backend != "dask":
-        raise UsageError("--scheduler needs --backend dask")
     report = run_bench([m.replace("_", "-") for m in args.model], args.batch_size, args.n_jobs,
                        args.dtype, args.repeats, args.duration, args.warmup,
                        compare_torch=args.compare == "torch", chunk_size=args.chunk_size,
-                       backend=args.backend,
-                       backend_options={"scheduler": args.scheduler} if args.scheduler else None,
+                       backend=args.backend, scheduler=_scheduler(args),
                        progress=not args.quiet)
     print(format_table(report))
     for option, writer in ((args.json, write_json), (args.csv, write_csv),

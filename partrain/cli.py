@@ -119,7 +119,7 @@ def cmd_train(args) -> int:
 
         require_matplotlib()
     overrides = dict(n_jobs=args.n_jobs, progress=not args.quiet, checkpoint=args.checkpoint,
-                     backend=args.backend, backend_options=_backend_options(args))
+                     backend=args.backend, scheduler=_scheduler(args))
     if args.resume:
         given = [f"--{k.replace('_', '-')}" for k in RUN_DEFINING if getattr(args, k) is not None]
         if given:
@@ -196,10 +196,11 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _backend_options(args) -> dict:
+def _scheduler(args) -> str | None:
+    """--scheduler, checked against --backend."""
     if args.scheduler and args.backend != "dask":
         raise UsageError("--scheduler needs --backend dask")
-    return {"scheduler": args.scheduler} if args.scheduler else {}
+    return args.scheduler
 
 
 # ----------------------------------------------------------------------------- evaluate

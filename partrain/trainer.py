@@ -86,8 +86,12 @@ class Trainer:
         BLAS threads per worker (and in the master during `fit`); 1 avoids oversubscription.
     max_restarts : int
         Consecutive worker deaths tolerated (the step is recomputed) before giving up.
+    scheduler : None, str or distributed.Client
+        backend="dask" only: None starts a local cluster of `n_jobs` processes, closed with
+        the trainer; an address "tcp://host:8786" or a Client uses that cluster and leaves it
+        running.
     backend_options : dict, optional
-        Extra engine arguments, e.g. {"scheduler": "tcp://host:8786"} for dask.
+        Extra engine arguments, e.g. {"step_timeout": 600} for dask.
 
     Examples
     --------
@@ -100,7 +104,8 @@ class Trainer:
                  batch_size: int = 64, chunk_size: int | None = None, seed: int = 0,
                  progress: bool = True, lr_schedule=None, checkpoint: str | os.PathLike | None
                  = None, checkpoint_every: int = 1, backend: str = "loky",
-                 blas_threads: int = 1, max_restarts: int = 3, backend_options: dict | None = None):
+                 blas_threads: int = 1, max_restarts: int = 3, scheduler=None,
+                 backend_options: dict | None = None):
         if not isinstance(model, Sequential):
             raise ValueError(f"`model` must be a partrain Sequential, got {type(model).__name__}.")
         self.model = model
@@ -126,6 +131,10 @@ class Trainer:
         self.max_restarts = int(max_restarts)
         self.backend_options = dict(backend_options or {})
         self._check_backend()
+        if scheduler is not None:
+            if backend != "dask":
+                raise ValueError(f"`scheduler` needs backend='dask', got backend={backend!r}.")
+            self.backend_options["scheduler"] = scheduler
         self.history = History()
         self.epoch = 0  # index of the epoch in progress (= epochs completed, between epochs)
         self.step_in_epoch = 0  # steps of `epoch` already applied

@@ -6,9 +6,12 @@ import csv
 import importlib.util
 import json
 import math
+import re
 
 import pytest
 from test_cli import PNG_MAGIC, assert_ok, assert_usage_error, run_partrain, subprocess_env
+
+from partrain import zoo
 
 TINY = ["--model", "mlp", "--batch-size", "16", "--repeats", "2", "--duration", "0.2",
         "--warmup", "0.1"]
@@ -123,16 +126,23 @@ def test_bench_compare_torch_when_torch_is_missing(tmp_path):
     assert "partrain[compare]" in skipped[0]
 
 
-def test_bench_dask_backend_has_speedups(tmp_path):
-    """With --backend dask the n_jobs=1 row is the reference too: speedup 1.0, efficiency 1.0."""
+def test_bench_dask_backend_is_timed_beside_the_local_backend(tmp_path):
+    """--backend dask: the in-process row first (the speedup reference), then the Dask row
+    with its speedup against it, the bytes it moves per step and an overhead line."""
     pytest.importorskip("distributed", reason="--backend dask needs partrain[dask]")
     proc = run_partrain("bench", *TINY, "--repeats", "1", "--duration", "0.05", "--warmup", "0",
                         "--n-jobs", "1", "--backend", "dask", "--json", "d.json", "--quiet",
                         cwd=tmp_path)
     assert_ok(proc)
-    (row,) = json.loads((tmp_path / "d.json").read_text())["rows"]
-    assert row["n_jobs"] == 1 and "dask" in row["engine"]
-    assert row["speedup"] == 1.0 and row["efficiency"] == 1.0, row
+    local, dask = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert (local["engine"], dask["engine"]) == ("partrain", "partrain-dask")
+    assert local["speedup"] == 1.0 and local["bytes_per_step"] is None
+    assert dask["speedup"] == pytest.approx(dask["examples_per_s"] / local["examples_per_s"])
+    model = zoo.get(local["model"])
+    n_chunks = -(-local["batch_size"] // dask["chunk_size"])
+    assert dask["bytes_per_step"] == (1 + n_chunks) * model.params.nbytes  # no buffers in mlp
+    assert re.search(r"dask mlp batch \d+ n_jobs 1: step [\d.]+ ms vs local [\d.]+ ms",
+                     proc.stdout), proc.stdout
 
 
 BAD_OPTIONS = [  # (arguments, words the one-line message must contain)

@@ -116,14 +116,14 @@ def test_dask_gives_the_parameters_of_loky_and_of_one_process(client):
     serial = train(cnn_dropout, n_jobs=1)
     assert_same(train(cnn_dropout, n_jobs=2), serial)
     address = client.scheduler.address
-    assert_same(train(cnn_dropout, backend="dask", backend_options={"scheduler": address}),
+    assert_same(train(cnn_dropout, backend="dask", scheduler=address),
                 serial)
 
 
 def test_batchnorm_statistics_and_ragged_batches_match_one_process(client):
     """Per-chunk batch statistics come back and fold in order; last batch shorter."""
     expected = train(mlp_batchnorm, n=150, n_jobs=1)
-    got = train(mlp_batchnorm, n=150, backend="dask", backend_options={"scheduler": client})
+    got = train(mlp_batchnorm, n=150, backend="dask", scheduler=client)
     assert_same(got, expected)
 
 
@@ -148,7 +148,7 @@ def test_workers_use_blas_threads(client):
     """Each worker that ran a task uses `blas_threads` BLAS threads (2, then 1 again)."""
     for blas_threads in (2, 1):
         train(mlp_batchnorm, n=64, epochs=1, backend="dask", blas_threads=blas_threads,
-              backend_options={"scheduler": client})
+              scheduler=client)
         served = client.run(lambda: dask_engine._PROCESS["blas_threads"])
         reports = client.run(blas_report)
         assert blas_threads in served.values()
@@ -166,7 +166,7 @@ def test_killed_worker_does_not_change_the_results(client):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a re-run step is allowed, not needed
         got = train(cnn_dropout, backend="dask", callbacks=[killer],
-                    backend_options={"scheduler": client})
+                    scheduler=client)
     assert len(killer.killed) == 1
     assert_same(got, train(cnn_dropout, n_jobs=1))
     client.wait_for_workers(N_WORKERS, timeout=30)  # the nanny restarts it for later tests
@@ -176,7 +176,7 @@ def test_exception_in_a_task_becomes_worker_error_and_training_can_go_on(client)
     """ValueError in a task -> WorkerError naming it; a new fit works; the sequence equals
     n_jobs=1 (where the original error surfaces as is)."""
     final = []
-    for options in ({"n_jobs": 1}, {"backend": "dask", "backend_options": {"scheduler": client}}):
+    for options in ({"n_jobs": 1}, {"backend": "dask", "scheduler": client}):
         model = Sequential([RaiseOnSentinel(), Dense(16), ReLU(), Dense(10)], (64,), seed=0)
         X, y = make_data(model, 120)
         poisoned = X.copy()
@@ -203,7 +203,8 @@ def test_step_timeout_raises_worker_crash_error_with_a_checkpoint(client, tmp_pa
     X, y = make_data(model, 64)
     checkpoint = tmp_path / "timeout.npz"
     trainer = Trainer(model, batch_size=32, progress=False, checkpoint=checkpoint,
-                      backend="dask", backend_options={"scheduler": client, "step_timeout": 1e-9})
+                      backend="dask", scheduler=client,
+                      backend_options={"step_timeout": 1e-9})
     with pytest.raises(WorkerCrashError, match="step_timeout"):
         trainer.fit(X, y, epochs=1)
     assert trainer._engine is None
@@ -216,7 +217,8 @@ def test_unreachable_scheduler_fails_fast_naming_the_address():
     model = cnn_dropout()
     X, y = make_data(model, 32)
     trainer = Trainer(model, batch_size=32, progress=False, backend="dask",
-                      backend_options={"scheduler": "tcp://127.0.0.1:1", "connect_timeout": 1.0})
+                      scheduler="tcp://127.0.0.1:1",
+                      backend_options={"connect_timeout": 1.0})
     t0 = time.monotonic()
     with pytest.raises(ConnectionError, match=r"scheduler at 'tcp://127\.0\.0\.1:1'"):
         trainer.fit(X, y)
@@ -228,6 +230,8 @@ def test_bad_scheduler_argument_is_named():
     """Neither None, an address nor a Client: ValueError."""
     with pytest.raises(ValueError, match="`scheduler` must be.*got int"):
         DaskEngine(cnn_dropout(), 8, 1, 32, scheduler=8786)
+    with pytest.raises(ValueError, match="`scheduler` needs backend='dask'"):
+        Trainer(cnn_dropout(), scheduler="tcp://127.0.0.1:8786")
 
 
 # ----------------------------------------------------------------------------- lifecycle
