@@ -126,7 +126,7 @@ class Conv2D(Layer):
 
     def backward(self, p, cache, dy, g, need_dx):
         x_shape, cols = cache
-        dW, db = F.conv_weight_grad(dy, cols, p["W"].shape)
+        dW, db = F.conv_weight_grad(dy, cols, p["W"].shape, self.stride)
         g["W"][...] = dW
         g["b"][...] = db
         if need_dx:

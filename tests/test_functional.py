@@ -122,6 +122,33 @@ def test_conv_backward_matches_naive(case):
         assert_close(got, want, f"conv_backward {name} {case}")
 
 
+@pytest.mark.parametrize("tile", [1, 2, 3, 7])
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+def test_tiled_im2col_forward_and_weight_gradient_match_naive(case, tile):
+    """Every im2col tiling, including tiles that do not divide the output width (ragged last
+    tile) or exceed it, gives the naive forward and weight gradient."""
+    m, H, W, C_prev, C, f, s, p = case
+    rng = rng_for("convt", case)
+    A, Wt, b = conv_inputs(rng, m, H, W, C_prev, C, f)
+    Z, cols = F.conv_forward_cols(A, Wt, b, s, p, tile=tile)
+    assert_close(Z, naive.conv_forward(A, Wt, b, s, p), f"tile {tile} forward {case}")
+    dZ = rng.standard_normal(Z.shape)
+    dW, db = F.conv_weight_grad(dZ, cols, Wt.shape, s, tile=tile)
+    _, dW_ref, db_ref = naive.conv_backward(dZ, A, Wt, s, p)
+    assert_close(dW, dW_ref, f"tile {tile} dW {case}")
+    assert_close(db, db_ref, f"tile {tile} db {case}")
+
+
+@pytest.mark.parametrize("n_W, f, stride, n_C, expected", [
+    (20, 5, 1, 8, 4),  # mnist_cnn conv2: 4 columns of 8 channels -> a 32-wide matmul
+    (20, 5, 1, 64, 1),  # wide layers keep the classic im2col
+    (3, 5, 1, 8, 3),  # never more than the output width
+    (33, 3, 2, 10, 3),  # stride 2: the band's zeros cost more, so fewer columns than 4
+])
+def test_tile_width_rule(n_W, f, stride, n_C, expected):
+    assert F.tile_width(n_W, f, stride, n_C) == expected
+
+
 @pytest.mark.parametrize("case", [(2, 5, 4, 2, 3, 3, 2, 1), (1, 4, 5, 1, 2, 2, 3, 0)])
 def test_conv_backward_numerical_gradient(case):
     """conv_backward equals central differences of L = sum(conv_forward * G)."""
