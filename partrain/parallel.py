@@ -6,9 +6,9 @@ gradients up *in chunk order* on the master. Random draws are keyed by (step key
 So the result is bit-for-bit the same whichever engine, and however many workers, computed it.
 
 - `SerialEngine` (n_jobs=1): the chunks run in the master process, no pool, no dispatch cost.
-- `LokyEngine` (n_jobs>1): a persistent loky process pool. The training set, the parameter
-  vector, the batch indices and one gradient slot per chunk live in shared memory; per step only
-  a few integers go to the workers and a few numbers come back.
+- `LokyEngine` (n_jobs>1): the master plus a persistent loky pool of n_jobs - 1 workers. The
+  training set, the parameter vector, the batch indices, one gradient slot per chunk and a
+  control block live in shared memory; a step is published by writing a few integers there.
 - `DaskEngine` (see `partrain.dask_engine`): the same chunks on a Dask cluster.
 """
 
@@ -202,7 +202,7 @@ class Engine:
         self.last_timing = StepTiming(t1 - t0, max(busy), sum(busy), time.perf_counter() - t1)
         loss = 0.0
         for chunk_loss, _ in results:
-            loss += chunk_loss
+            loss += float(chunk_loss)  # in float64 whatever the engine returned
         return ChunkTotals(loss, sum(c for _, c in results), len(batch_idx), stats)
 
     def slots_needed(self, batch_size: int) -> int:
@@ -316,11 +316,14 @@ def attach_shared(spec: SharedSpec) -> tuple[object, np.ndarray]:
 
 @dataclass(frozen=True)
 class SessionSpec:
-    """Everything a worker needs to serve one training session; sent (small) with each task."""
+    """Everything a worker needs to serve one training session; sent once per worker."""
 
     token: str
     model_config: dict
-    arrays: dict  # name -> SharedSpec: X, y, params, buffers, batch_idx, grad_slots, stats_slots
+    arrays: dict  # name -> SharedSpec: X, y, params, buffers, batch_idx, slots, control, ...
+    chunk_size: int
+    n_jobs: int
+    spin_seconds: float  # how long a worker polls without sleeping after its last step
     imports: tuple[str, ...] = ()  # modules defining custom layers (see layers.register_layer)
 
 
@@ -329,32 +332,89 @@ def custom_layer_modules(model: Sequential) -> tuple[str, ...]:
     return tuple(sorted({type(layer).__module__ for layer in model.layers} - {"partrain.layers"}))
 
 
-class _WorkerSession:
-    """A worker's attachment to one session: the rebuilt model and views of shared arrays."""
+# The control block: one int64 shared array through which the master publishes steps.
+SEQ, COMMAND, BATCH_LEN, KEY_LEN = 0, 1, 2, 3  # SEQ: number of the last published step
+KEY, MAX_KEY_LEN = 4, 12  # control[KEY:KEY + KEY_LEN]: the step key
+DONE = KEY + MAX_KEY_LEN  # control[DONE + rank]: the last step worker `rank` finished
+RUN, STOP = 0, 1  # commands
+SPIN_SECONDS = 0.01  # a worker polls without sleeping this long after a step (see _spin_seconds)
+MAX_NAP_SECONDS = 0.005  # then naps up to this long between polls
+_FENCE = threading.Lock()
 
-    def __init__(self, spec: SessionSpec):
-        for module in spec.imports:
-            importlib.import_module(module)
-        self.token = spec.token
-        self.model = Sequential.from_config(spec.model_config)
-        self._segments, self.views = [], {}
-        for name, array_spec in spec.arrays.items():
-            shm, view = attach_shared(array_spec)
-            self._segments.append(shm)
-            self.views[name] = view
-        self.model.buffers = self.views["buffers"]
 
-    def close(self) -> None:
-        self.views.clear()
-        self.model = None
-        for shm in self._segments:
+def _fence() -> None:
+    """A memory barrier (lock operations imply one): data written before it is visible to
+    other processes before anything written after it, on every CPU architecture."""
+    with _FENCE:
+        pass
+
+
+def _wait_for_step(control: np.ndarray, done: int, spin_seconds: float) -> int:
+    """Poll the control block until a step after `done` is published; return its number.
+
+    Polling instead of blocking keeps the core awake between steps: measured here, a worker
+    that slept ~1-3 ms between steps computed its next chunks 12-20% slower.
+    """
+    t_idle = time.perf_counter()
+    while control[SEQ] == done:
+        idle = time.perf_counter() - t_idle
+        if idle > spin_seconds:
+            time.sleep(min(MAX_NAP_SECONDS, idle / 100))
+    _fence()
+    return int(control[SEQ])
+
+
+def step_groups(n_examples: int, chunk_size: int, n_jobs: int) -> list[list]:
+    """The (chunk id, bounds) groups of one step: group r is computed by rank r (0: master)."""
+    return split_evenly(list(enumerate(plan_chunks(n_examples, chunk_size))), n_jobs)
+
+
+def compute_group(model: Sequential, views: dict, group: list, step_key: tuple) -> None:
+    """Compute a group of chunks into their gradient/stats slots and chunk_results rows."""
+    has_stats = model.buffers.size > 0
+    for k, bounds in group:
+        views["chunk_results"][k] = compute_chunk(
+            model, views["params"], views["X"], views["y"], views["batch_idx"], k, bounds,
+            step_key, views["grad_slots"][k], views["stats_slots"][k] if has_stats else None)
+
+
+def _serve(spec: SessionSpec, rank: int) -> None:
+    """Worker task for a whole session: compute this rank's chunks of every published step.
+
+    Runs until the master publishes the STOP command; an exception ends it, and the master
+    sees it through this task's future.
+    """
+    for module in spec.imports:
+        importlib.import_module(module)
+    model = Sequential.from_config(spec.model_config)
+    segments, views = [], {}
+    for name, array_spec in spec.arrays.items():
+        segment, views[name] = attach_shared(array_spec)
+        segments.append(segment)
+    model.buffers = views["buffers"]
+    control = views["control"]
+    done = int(control[DONE + rank])
+    try:
+        while True:
+            done = _wait_for_step(control, done, spec.spin_seconds)
+            if control[COMMAND] == STOP:
+                return
+            t0 = time.perf_counter()
+            step_key = tuple(int(k) for k in control[KEY:KEY + control[KEY_LEN]])
+            groups = step_groups(int(control[BATCH_LEN]), spec.chunk_size, spec.n_jobs)
+            if rank < len(groups):
+                compute_group(model, views, groups[rank], step_key)
+            views["busy"][rank] = time.perf_counter() - t0
+            _fence()
+            control[DONE + rank] = done
+    finally:
+        views.clear()
+        model = None
+        for segment in segments:
             try:
-                shm.close()
+                segment.close()
             except BufferError:
                 pass
-
-
-_SESSION: _WorkerSession | None = None
 
 
 def _worker_init() -> None:
@@ -372,29 +432,6 @@ def _exit_with_parent(parent: int, period: float = 1.0) -> None:
     os._exit(1)
 
 
-def _run_chunks(spec: SessionSpec, step_key: tuple, chunk_ids: list[int],
-                chunks: list[tuple[int, int]]) -> tuple[list[tuple[int, float, int]], float]:
-    """Worker task: compute the given chunks into their gradient slots.
-
-    Returns small things only: (chunk id, loss sum, n correct) per chunk and the busy seconds.
-    """
-    global _SESSION
-    t0 = time.perf_counter()
-    if _SESSION is None or _SESSION.token != spec.token:
-        if _SESSION is not None:
-            _SESSION.close()
-        _SESSION = _WorkerSession(spec)
-    v, model = _SESSION.views, _SESSION.model
-    has_stats = model.buffers.size > 0
-    out = []
-    for k, bounds in zip(chunk_ids, chunks):
-        loss, correct = compute_chunk(model, v["params"], v["X"], v["y"], v["batch_idx"], k,
-                                      bounds, step_key, v["grad_slots"][k],
-                                      v["stats_slots"][k] if has_stats else None)
-        out.append((k, loss, correct))
-    return out, time.perf_counter() - t0
-
-
 # ----------------------------------------------------------------------------- the loky pool
 
 
@@ -406,22 +443,45 @@ def split_evenly(items: list, n_groups: int) -> list[list]:
     return [items[bounds[g]:bounds[g + 1]] for g in range(n_groups)]
 
 
+_SERVING_ENGINES: weakref.WeakSet = weakref.WeakSet()  # engines whose workers serve a session
+
+
+def _stop_serving_at_exit() -> None:
+    """At interpreter exit, end the workers' `_serve` tasks: loky's own exit handler, which
+    runs after this one, waits for running tasks, and a `_serve` task only ends when told."""
+    for engine in list(_SERVING_ENGINES):
+        engine._publish(COMMAND, STOP)
+
+
 class LokyEngine(Engine):
     """Chunks fanned out to a persistent loky process pool over shared memory.
+
+    `n_jobs` processes compute: the master and n_jobs - 1 loky workers. Each step's chunks
+    are split into n_jobs contiguous groups; worker r computes group r while the master
+    computes group 0. Every worker runs ONE long task per session (`_serve`) that polls a
+    shared control block for the next step, so a step costs no pickling, no pipe and no
+    thread hand-off: the master writes the batch indices and step key into shared memory,
+    bumps a counter, computes its own group and waits for the workers' "done" counters.
+    Measured on mnist_cnn (batch 32, 2 cores): 5,500 examples/s against 3,400-3,700 when each
+    step was submitted as loky tasks.
 
     The pool starts lazily on the first step and is reused for every later step and epoch;
     it is rebuilt (and the step recomputed) when a worker dies, up to `max_restarts` times in
     a row. Workers run with `blas_threads` BLAS/OpenMP threads each (1 by default), set
-    through the environment before NumPy loads in them.
+    through the environment before NumPy loads in them; the trainer limits the master alike.
     """
 
     def __init__(self, model: Sequential, chunk_size: int, n_jobs: int, batch_size: int,
                  blas_threads: int = 1, max_restarts: int = 3):
         super().__init__(model, chunk_size)
+        if n_jobs < 2:
+            raise ValueError(f"LokyEngine needs n_jobs >= 2 (1 is SerialEngine), got {n_jobs}.")
         self.n_jobs = n_jobs
         self.blas_threads = blas_threads
         self.max_restarts = max_restarts
+        keep_freed_memory()  # the master computes chunks too
         self._pool = None
+        self._serving: list = []  # the futures of the workers' `_serve` tasks
         self._token = secrets.token_hex(8)
         self._session: SessionSpec | None = None
         self._shared: dict[str, SharedArray] = {}
@@ -431,6 +491,10 @@ class LokyEngine(Engine):
         self._grad_slots = self._new_shared("grad_slots", (n_slots, model.n_params), model.dtype)
         self._stats_slots = self._new_shared("stats_slots", (n_slots, model.buffers.size),
                                              model.dtype)
+        self._new_shared("chunk_results", (n_slots, 2), np.float64)  # loss sum, n correct
+        self._new_shared("busy", (n_jobs,), np.float64)  # compute seconds per rank, last step
+        self._control = self._new_shared("control", (DONE + n_jobs,), np.int64)
+        self._control[...] = 0
 
     # -- shared memory
 
@@ -453,12 +517,13 @@ class LokyEngine(Engine):
         for name, values in (("X", X), ("y", y)):
             old = self._shared.get(name)
             if old is None or old.array.shape != values.shape or old.array.dtype != values.dtype:
+                self._stop_serving()  # the workers' views of the old segments must go
                 self._new_shared(name, values.shape, values.dtype)
-                self._token = secrets.token_hex(8)  # workers re-attach on their next task
+                self._token = secrets.token_hex(8)
             self._shared[name].array[...] = values
 
     def _spec(self) -> SessionSpec:
-        """The session description sent with each task; rebuilt only when the data change."""
+        """The session description given to each worker; rebuilt only when the data change."""
         for name in ("params", "buffers"):  # the user may have replaced model.params
             if getattr(self.model, name) is not self._shared[name].array:
                 self._shared[name].array[...] = getattr(self.model, name)
@@ -466,34 +531,73 @@ class LokyEngine(Engine):
         if self._session is None or self._session.token != self._token:
             self._session = SessionSpec(self._token, self.model.config(),
                                         {name: s.spec for name, s in self._shared.items()},
+                                        self.chunk_size, self.n_jobs, self._spin_seconds(),
                                         custom_layer_modules(self.model))
         return self._session
 
+    def _spin_seconds(self) -> float:
+        """SPIN_SECONDS, unless there are more processes than cores: a polling worker would
+        then take the CPU from one that computes."""
+        return SPIN_SECONDS if self.n_jobs <= (os.cpu_count() or 1) else 0.0
+
     # -- the pool
 
-    def _ensure_pool(self, reason: str = "first use") -> None:
-        if self._pool is not None:
-            return
-        from joblib.externals.loky import ProcessPoolExecutor
+    def _ensure_serving(self, reason: str) -> None:
+        """Start the pool and one `_serve` task per worker, if not running."""
+        if self._pool is None:
+            from joblib.externals.loky import ProcessPoolExecutor
 
-        env = {var: str(self.blas_threads) for var in BLAS_ENV_VARS}
-        self._pool = ProcessPoolExecutor(max_workers=self.n_jobs, env=env,
-                                         initializer=_worker_init)
-        logger.debug("started a pool of %d workers (%s)", self.n_jobs, reason)
+            env = {var: str(self.blas_threads) for var in BLAS_ENV_VARS}
+            self._pool = ProcessPoolExecutor(max_workers=self.n_jobs - 1, env=env,
+                                             initializer=_worker_init)
+            logger.debug("started a pool of %d workers (%s)", self.n_jobs - 1, reason)
+        if not self._serving:
+            spec = self._spec()
+            self._control[COMMAND] = RUN
+            self._control[DONE:] = self._control[SEQ]
+            _fence()
+            self._serving = [self._pool.submit(_serve, spec, rank)
+                             for rank in range(1, self.n_jobs)]
+            # loky registers its exit handler at a pool's first submit; ours comes after it,
+            # so it runs before it (threading's exit handlers run last-in, first-out).
+            if not _SERVING_ENGINES:
+                threading._register_atexit(_stop_serving_at_exit)
+            _SERVING_ENGINES.add(self)
+
+    def _stop_serving(self) -> None:
+        """End the workers' `_serve` tasks (the processes stay) and wait for them."""
+        if self._serving:
+            self._publish(COMMAND, STOP)
+            for future in self._serving:
+                try:
+                    future.result()
+                except Exception:  # a task that failed has ended too, which is all we want
+                    pass
+            self._serving = []
+
+    def _publish(self, *settings) -> int:
+        """Write (index, value) pairs of the control block, then make them a new step."""
+        control = self._control
+        for index, value in zip(settings[::2], settings[1::2]):
+            control[index] = value
+        _fence()
+        control[SEQ] += 1
+        return int(control[SEQ])
 
     def worker_pids(self) -> list[int]:
         """Process ids of the current workers (empty before the first step)."""
         return list(getattr(self._pool, "_processes", {}) or {})
 
     def _run(self, batch_idx, chunks, step_key):
-        spec = self._spec()
+        if len(step_key) > MAX_KEY_LEN:
+            raise ValueError(f"A step key has at most {MAX_KEY_LEN} integers, got {step_key}.")
+        self._spec()
         self._shared["batch_idx"].array[:len(batch_idx)] = batch_idx
-        groups = split_evenly(list(enumerate(chunks)), self.n_jobs)
         failures = 0
         while True:
-            self._ensure_pool("rebuilt after a worker died" if failures else "first use")
+            self._ensure_serving("rebuilt after a worker died" if failures else "first use")
             try:
-                return self._dispatch(spec, step_key, groups)
+                return self._step(len(batch_idx), step_key)
             except _WorkerDied as died:
                 failures += 1
                 self._shutdown_pool(kill=True)
@@ -509,34 +613,41 @@ class LokyEngine(Engine):
                     f"(attempt {failures + 1}). Results are unaffected.", RuntimeWarning,
                     stacklevel=2)
 
-    def _dispatch(self, spec, step_key, groups) -> tuple[list[tuple[float, int]], list[float]]:
-        from joblib.externals.loky.process_executor import BrokenProcessPool
-
-        futures = []
+    def _step(self, n_examples: int, step_key: tuple) -> tuple[list, list[float]]:
+        """Publish one step, compute the master's group, wait for the workers' groups."""
+        control, views = self._control, {n: s.array for n, s in self._shared.items()}
+        seq = self._publish(BATCH_LEN, n_examples, KEY_LEN, len(step_key),
+                            *[x for i, k in enumerate(step_key) for x in (KEY + i, k)])
+        t0 = time.perf_counter()
         try:
-            for group in groups:
-                ids, bounds = [k for k, _ in group], [b for _, b in group]
-                futures.append(self._pool.submit(_run_chunks, spec, step_key, ids, bounds))
-            per_chunk, busy = {}, []
-            for future in futures:
-                results, seconds = future.result()
-                busy.append(seconds)
-                for k, loss, correct in results:
-                    per_chunk[k] = (loss, correct)
-        except BrokenProcessPool as exc:
-            raise _WorkerDied(str(exc).split("\n")[0]) from None
+            compute_group(self.model, views, step_groups(n_examples, self.chunk_size,
+                                                         self.n_jobs)[0], step_key)
+            views["busy"][0] = time.perf_counter() - t0
+            while not (control[DONE + 1:] == seq).all():  # poll: results are due within a chunk
+                for future in self._serving:
+                    if future.done():
+                        future.result()  # raises the worker's exception
+                        raise RuntimeError("a worker stopped serving during a step")
+            _fence()
         except Exception as exc:
-            # No future.cancel() here: loky's kill-shutdown fails the pending futures itself,
-            # and cancelling first makes that shutdown crash and leave workers behind.
+            from joblib.externals.loky.process_executor import BrokenProcessPool
+
+            if isinstance(exc, BrokenProcessPool):
+                raise _WorkerDied(str(exc).split("\n")[0]) from None
             self._shutdown_pool(kill=True)
             raise _as_worker_error(exc, step_key) from None
         # KeyboardInterrupt / SystemExit propagate: the trainer shuts the pool down.
-        return [per_chunk[k] for k in range(len(per_chunk))], busy
+        n_chunks = -(-n_examples // self.chunk_size)
+        results = [(loss, int(correct)) for loss, correct in views["chunk_results"][:n_chunks]]
+        return results, list(views["busy"][:min(self.n_jobs, n_chunks)])
 
     def _shutdown_pool(self, kill: bool) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
+            if not kill:
+                self._stop_serving()
             pool.shutdown(wait=True, kill_workers=kill)
+        self._serving = []
 
     def close(self, kill: bool = False) -> None:
         """Stop the workers, copy params/buffers back to private memory, unlink all segments."""

@@ -10,7 +10,7 @@ import pytest
 from faulty_layers import blas_report, shm_segments, wait_gone
 from joblib import cpu_count
 
-from partrain import zoo
+from partrain import parallel, zoo
 from partrain.parallel import (
     LokyEngine,
     SerialEngine,
@@ -160,7 +160,7 @@ def test_pool_gradient_equals_whole_batch_gradient(cnn64, loky_cnn):
     assert totals.n_examples == m
     assert totals.n_correct == whole.n_correct
     assert totals.loss == pytest.approx(whole.loss, rel=1e-12)
-    assert len(loky_cnn.worker_pids()) == 2
+    assert len(loky_cnn.worker_pids()) == 1  # n_jobs=2: the master and one worker
 
 
 @pytest.mark.parametrize("n_examples", [40, 33, 7, 1])
@@ -245,6 +245,7 @@ def test_workers_run_with_the_requested_blas_threads(blas_threads):
     try:
         engine.bind(X, y)
         engine.gradient(np.arange(16), STEP_KEY, np.empty_like(model.params))
+        engine._stop_serving()  # frees the worker for one more task in the same process
         reports = [engine._pool.submit(blas_report).result() for _ in range(4)]
     finally:
         engine.close(kill=True)
@@ -283,26 +284,23 @@ def test_close_unlinks_shared_memory_and_privatises_params():
     model.params[...] = 0.0  # writable private memory: no crash, no effect on a dead segment
 
 
-def test_interrupt_while_dispatching_still_stops_every_worker(monkeypatch):
-    """Ctrl-C while a step's first task still waits in the pool's queue: close(kill=True)
-    must still stop every worker (a survivor makes the interpreter wait for it at exit)."""
+def test_interrupt_during_a_step_still_stops_every_worker(monkeypatch):
+    """Ctrl-C while the master computes its share and a worker computes another:
+    close(kill=True) must still stop every worker (a survivor makes the interpreter wait for
+    it at exit)."""
     model = zoo.mlp(dims=(64, 32, 10))
     X, y = make_data(model, 40)
     engine = LokyEngine(model, chunk_size=10, n_jobs=2, batch_size=40)
     out = np.empty_like(model.params)
     engine.bind(X, y)
     engine.gradient(np.arange(40), STEP_KEY, out)
-    pids, submit, calls = engine.worker_pids(), engine._pool.submit, []
+    pids = engine.worker_pids()
 
-    def submit_then_interrupt(*args, **kwargs):
-        calls.append(args)
-        if len(calls) == 1:  # busy workers and a full call queue: this task stays queued
-            for _ in range(8):
-                submit(time.sleep, 0.5)
-            return submit(*args, **kwargs)
-        raise KeyboardInterrupt  # as if Ctrl-C arrived between the two submissions
+    def interrupted(*args):
+        time.sleep(0.05)  # the worker is busy with its group by now
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine._pool, "submit", submit_then_interrupt)
+    monkeypatch.setattr(parallel, "compute_group", interrupted)  # the master's copy only
     try:
         with pytest.raises(KeyboardInterrupt):
             engine.gradient(np.arange(40), (*STEP_KEY, 1), out)
@@ -315,3 +313,40 @@ def test_interrupt_while_dispatching_still_stops_every_worker(monkeypatch):
             except ProcessLookupError:
                 pass
     assert survivors == [], "workers survived close(kill=True)"
+
+
+EXIT_WITHOUT_CLOSE = """
+import os, numpy as np
+from partrain import zoo
+from partrain.parallel import LokyEngine
+model = zoo.mlp(dims=(64, 32, 10))
+X = np.random.default_rng(0).random((40, 64)).astype(model.dtype)
+engine = LokyEngine(model, chunk_size=10, n_jobs=3, batch_size=40)
+engine.bind(X, np.zeros(40, dtype=np.int64))
+engine.gradient(np.arange(40), (0, 0), np.empty_like(model.params))
+print(*engine.worker_pids(), flush=True)
+raise SystemExit("the user's script ends with the workers still serving")
+"""
+
+
+def test_exit_without_close_stops_the_workers_and_frees_shared_memory(tmp_path):
+    """Workers serving a session must not keep the interpreter from exiting: within seconds,
+    no worker and no segment of that process remain."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit_without_close.py"
+    script.write_text(EXIT_WITHOUT_CLOSE)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # its workers follow it (they watch their parent)
+        proc.communicate()
+        pytest.fail("the interpreter waited for the workers")
+    assert "still serving" in stderr
+    pids = [int(pid) for pid in stdout.split()]
+    assert len(pids) == 2
+    assert wait_gone(pids) == []
+    assert shm_segments(proc.pid) == set()

@@ -42,7 +42,7 @@ def main(checkpoint: str) -> None:
     # A shell may start background jobs with SIGINT ignored; Ctrl-C semantics are under test.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks when it hangs
-    trainer, X, y = make_run(n_jobs=2, checkpoint=checkpoint)
+    trainer, X, y = make_run(n_jobs=3, checkpoint=checkpoint)  # the master and 2 workers
     trainer.fit(X, y, epochs=100_000, callbacks=[AnnounceStart()])
 
 
