@@ -39,6 +39,7 @@ BLAS_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                  "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS", "BLIS_NUM_THREADS")
 SHM_PREFIX = "partrain_"
 MIN_CHUNK_FLOPS = 30e6  # below this a chunk's matmuls get too small to run efficiently
+MIN_CHUNK_EXAMPLES = 16  # mnist_cnn: 8-example chunks ran 15-35% slower per example than 16
 
 
 class WorkerError(RuntimeError):
@@ -95,12 +96,12 @@ def default_chunk_size(model: Sequential, batch_size: int) -> int:
     """Examples per task: a function of the model and batch size, NEVER of n_jobs.
 
     A batch is cut into up to 4 equal chunks (so 1, 2 and 4 workers share it evenly), but
-    into fewer when a chunk would carry less than MIN_CHUNK_FLOPS of work: dispatching a task
-    costs ~0.5 ms, and small matmuls run slowly (measured for the MLP: 8.9 us per example in
-    chunks of 64, 16.9 in chunks of 16).
+    into fewer when a chunk would carry less than MIN_CHUNK_FLOPS of work or fewer than
+    MIN_CHUNK_EXAMPLES examples: small matmuls run slowly (measured for the MLP: 8 us per
+    example in chunks of 64, 19 in chunks of 16, 56 in chunks of 8).
     """
     work = batch_size * max(model.flops_per_example(), 1)
-    n_chunks = int(max(1, min(4, work // MIN_CHUNK_FLOPS, batch_size)))
+    n_chunks = int(max(1, min(4, work // MIN_CHUNK_FLOPS, batch_size // MIN_CHUNK_EXAMPLES)))
     return -(-batch_size // n_chunks)
 
 
