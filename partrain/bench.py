@@ -383,7 +383,8 @@ def _torch_ratio_lines(report: dict) -> list[str]:
         if not is_torch and (model, batch, True) in best:
             t_rate, _, t_threads = best[(model, batch, True)]
             lines.append(f"{model} batch {batch}: best partrain (n_jobs={jobs}) {rate:,.0f} ex/s"
-                         f" vs best torch ({t_threads} threads) {t_rate:,.0f} ex/s -> ratio "
+                         f" vs best torch ({t_threads} thread{'s' if t_threads > 1 else ''}) {t_rate:,.0f} ex/s"
+                         " -> ratio "
                          f"{rate / t_rate:.2f}")
     return lines
 

@@ -615,16 +615,21 @@ class LokyEngine(Engine):
                     stacklevel=2)
 
     def _step(self, n_examples: int, step_key: tuple) -> tuple[list, list[float]]:
-        """Publish one step, compute the master's group, wait for the workers' groups."""
+        """Publish one step, compute the master's group, wait for the workers' groups.
+
+        A step of one chunk is not published: the master computes it alone.
+        """
         control, views = self._control, {n: s.array for n, s in self._shared.items()}
-        seq = self._publish(BATCH_LEN, n_examples, KEY_LEN, len(step_key),
-                            *[x for i, k in enumerate(step_key) for x in (KEY + i, k)])
+        groups = step_groups(n_examples, self.chunk_size, self.n_jobs)
+        seq = None
+        if len(groups) > 1:
+            seq = self._publish(BATCH_LEN, n_examples, KEY_LEN, len(step_key),
+                                *[x for i, k in enumerate(step_key) for x in (KEY + i, k)])
         t0 = time.perf_counter()
         try:
-            compute_group(self.model, views, step_groups(n_examples, self.chunk_size,
-                                                         self.n_jobs)[0], step_key)
+            compute_group(self.model, views, groups[0], step_key)
             views["busy"][0] = time.perf_counter() - t0
-            while not (control[DONE + 1:] == seq).all():  # poll: results are due within a chunk
+            while seq and not (control[DONE + 1:] == seq).all():  # results are due within a chunk
                 for future in self._serving:
                     if future.done():
                         future.result()  # raises the worker's exception
