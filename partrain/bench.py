@@ -382,9 +382,9 @@ def _torch_ratio_lines(report: dict) -> list[str]:
     for (model, batch, is_torch), (rate, jobs, _) in sorted(best.items()):
         if not is_torch and (model, batch, True) in best:
             t_rate, _, t_threads = best[(model, batch, True)]
+            threads = f"{t_threads} thread{'s' if t_threads > 1 else ''}"
             lines.append(f"{model} batch {batch}: best partrain (n_jobs={jobs}) {rate:,.0f} ex/s"
-                         f" vs best torch ({t_threads} thread{'s' if t_threads > 1 else ''}) {t_rate:,.0f} ex/s"
-                         " -> ratio "
+                         f" vs best torch ({threads}) {t_rate:,.0f} ex/s -> ratio "
                          f"{rate / t_rate:.2f}")
     return lines
 
