@@ -451,7 +451,8 @@ def _stop_serving_at_exit() -> None:
     """At interpreter exit, end the workers' `_serve` tasks: loky's own exit handler, which
     runs after this one, waits for running tasks, and a `_serve` task only ends when told."""
     for engine in list(_SERVING_ENGINES):
-        engine._publish(COMMAND, STOP)
+        if engine._serving:
+            engine._publish(COMMAND, STOP)
 
 
 class LokyEngine(Engine):
@@ -654,6 +655,7 @@ class LokyEngine(Engine):
                 self._stop_serving()
             pool.shutdown(wait=True, kill_workers=kill)
         self._serving = []
+        _SERVING_ENGINES.discard(self)
 
     def close(self, kill: bool = False) -> None:
         """Stop the workers, copy params/buffers back to private memory, unlink all segments."""

@@ -329,14 +329,16 @@ raise SystemExit("the user's script ends with the workers still serving")
 """
 
 
-def test_exit_without_close_stops_the_workers_and_frees_shared_memory(tmp_path):
-    """Workers serving a session must not keep the interpreter from exiting: within seconds,
-    no worker and no segment of that process remain."""
+@pytest.mark.parametrize("closed", [False, True], ids=["open", "closed"])
+def test_exit_stops_the_workers_and_frees_shared_memory(tmp_path, closed):
+    """A script ending with an engine still referenced, open (its workers serving) or closed:
+    a clean exit within seconds, no worker and no segment of that process left."""
     import subprocess
     import sys
 
     script = tmp_path / "exit_without_close.py"
-    script.write_text(EXIT_WITHOUT_CLOSE)
+    script.write_text(EXIT_WITHOUT_CLOSE.replace("raise SystemExit", "engine.close()\nraise "
+                                                 "SystemExit") if closed else EXIT_WITHOUT_CLOSE)
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -345,6 +347,7 @@ def test_exit_without_close_stops_the_workers_and_frees_shared_memory(tmp_path):
         proc.kill()  # its workers follow it (they watch their parent)
         proc.communicate()
         pytest.fail("the interpreter waited for the workers")
+    assert proc.returncode == 1, stderr  # SystemExit("...") exits with status 1
     assert "still serving" in stderr
     pids = [int(pid) for pid in stdout.split()]
     assert len(pids) == 2
