@@ -410,7 +410,7 @@ def _serve(spec: SessionSpec, rank: int) -> None:
             control[DONE + rank] = done
     finally:
         views.clear()
-        model = None
+        model = control = None  # drop every view before unmapping
         for segment in segments:
             try:
                 segment.close()
