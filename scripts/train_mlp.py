@@ -15,10 +15,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-from partrain import Trainer, optim, zoo
-from partrain.cli import MODEL_DEFAULTS, EpochSummary
+from _tutorial_run import (
+    LOAD_ERRORS,
+    add_mnist_data_options,
+    add_run_options,
+    check_limit,
+    fail,
+    fit_timed,
+    save_if_asked,
+)
+
+from partrain import zoo
+from partrain.cli import MODEL_DEFAULTS
 from partrain.data import load_dataset
 
 DEFAULTS = MODEL_DEFAULTS["mlp"]  # batch 64, lr 1e-3, decay 0.01, 10 epochs
@@ -30,29 +39,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Train zoo.mlp(dims=(784, 100, 100, 10)) on MNIST with Adam (lr "
         f"{DEFAULTS['lr']:g}, batch {DEFAULTS['batch_size']}, inverse-time decay); prints train "
         f"and test accuracy (the assignment expects > {EXPECTED:.0%} on both).")
-    parser.add_argument("--data-dir", default="data",
-                        help="folder holding mnist/*-ubyte.gz (default data/)")
-    parser.add_argument("--dataset", default="mnist",
-                        help="mnist (default), fashion-mnist or npz:PATH: any 28x28x1, "
-                        "10-class dataset partrain.data.load_dataset reads")
-    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"],
-                        help=f"epochs (default {DEFAULTS['epochs']})")
+    add_mnist_data_options(parser)
+    add_run_options(parser, DEFAULTS, seed_help="seed of init, shuffling, dropout")
     parser.add_argument("--dropout", type=float, default=0.0,
                         help="dropout rate after each hidden layer (default 0: none)")
     parser.add_argument("--batchnorm", action="store_true",
                         help="batch normalisation before each hidden ReLU")
     parser.add_argument("--lr-decay", type=float, default=DEFAULTS["lr_decay"],
                         help=f"inverse-time decay d (default {DEFAULTS['lr_decay']:g})")
-    parser.add_argument("--limit", type=int, default=None, metavar="N",
-                        help="train on the first N training images only (a quick run)")
-    parser.add_argument("--n-jobs", type=int, default=1,
-                        help="worker processes, -1 = all cores (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of init, shuffling, dropout")
-    parser.add_argument("--save", metavar="MODEL.npz", help="save the trained model here")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     args = parser.parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        parser.error(f"--limit must be >= 1, got {args.limit}")
+    check_limit(parser, args)
     return args
 
 
@@ -69,25 +65,17 @@ def main(argv=None) -> int:
               f"/ {len(data.x_test):,} test images, n_jobs={args.n_jobs}, batch "
               f"{DEFAULTS['batch_size']}, Adam lr {DEFAULTS['lr']:g} / (1 + {args.lr_decay:g} "
               f"* epoch), {args.epochs} epochs")
-        t0 = time.perf_counter()
-        with Trainer(model, optim.Adam(DEFAULTS["lr"]), n_jobs=args.n_jobs,
-                     batch_size=DEFAULTS["batch_size"], seed=args.seed,
-                     lr_schedule=args.lr_decay, progress=not args.quiet) as trainer:
-            trainer.fit(x_train, y_train, epochs=args.epochs,
-                        validation_data=(data.x_test, data.y_test),
-                        callbacks=[EpochSummary(args.epochs, args.quiet)])
-        wall = time.perf_counter() - t0
-    except (OSError, ValueError, ImportError) as exc:
-        print(f"train_mlp.py: error: {exc}", file=sys.stderr)
-        return 2
+        trainer, wall = fit_timed(model, x_train, y_train, args, DEFAULTS,
+                                  validation_data=(data.x_test, data.y_test),
+                                  lr_schedule=args.lr_decay)
+    except LOAD_ERRORS as exc:
+        return fail("train_mlp.py", exc)
     _, train_acc = model.evaluate(x_train, y_train)  # inference mode: no dropout
     _, test_acc = model.evaluate(data.x_test, data.y_test)
     verdict = "both above" if min(train_acc, test_acc) > EXPECTED else "NOT both above"
     print(f"train accuracy {train_acc:.4f}  test accuracy {test_acc:.4f}  wall time {wall:.1f} s "
           f"(n_jobs={trainer.n_jobs}); {verdict} the assignment's {EXPECTED:.0%}")
-    if args.save:
-        model.save(args.save)
-        print(f"model saved to {args.save}")
+    save_if_asked(model, args.save)
     return 0
 
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import numpy as np
+from _tutorial_run import LOAD_ERRORS, add_run_options, fail, fit_timed, save_if_asked
 
-from partrain import Trainer, optim, zoo
-from partrain.cli import MODEL_DEFAULTS, EpochSummary
+from partrain import zoo
+from partrain.cli import MODEL_DEFAULTS
 from partrain.data import load_signs_file
 
 DEFAULTS = MODEL_DEFAULTS["signs-cnn"]  # epochs 20, batch 64, lr 1e-3: the tutorial's
@@ -34,13 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train", metavar="FILE", help="training file (train_signs.h5 or .npz)")
     parser.add_argument("--test", metavar="FILE", help="test file (test_signs.h5 or .npz); "
                         "given alone, training and reporting both use it")
-    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"],
-                        help=f"epochs (default {DEFAULTS['epochs']})")
-    parser.add_argument("--n-jobs", type=int, default=1,
-                        help="worker processes, -1 = all cores (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of init and shuffling")
-    parser.add_argument("--save", metavar="MODEL.npz", help="save the trained model here")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    add_run_options(parser, DEFAULTS, seed_help="seed of init and shuffling")
     args = parser.parse_args(argv)
     if not (args.train or args.test):
         parser.error("give --train FILE and --test FILE (or at least one of them)")
@@ -55,7 +49,6 @@ def load(path: str):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    prog = "train_signs.py"
     try:
         if args.train and args.test:
             x_train, y_train, names = load(args.train)
@@ -74,24 +67,15 @@ def main(argv=None) -> int:
         print(f"signs_cnn on {len(x_train)} training / {len(x_test)} test images "
               f"({len(names)} classes), n_jobs={args.n_jobs}, batch {DEFAULTS['batch_size']}, "
               f"Adam lr {DEFAULTS['lr']:g}, {args.epochs} epochs")
-        t0 = time.perf_counter()
-        with Trainer(model, optim.Adam(DEFAULTS["lr"]), n_jobs=args.n_jobs,
-                     batch_size=DEFAULTS["batch_size"], seed=args.seed,
-                     progress=not args.quiet) as trainer:
-            trainer.fit(x_train, y_train, epochs=args.epochs,
-                        validation_data=(x_test, y_test),
-                        callbacks=[EpochSummary(args.epochs, args.quiet)])
-        wall = time.perf_counter() - t0
-    except (OSError, ValueError, ImportError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        trainer, wall = fit_timed(model, x_train, y_train, args, DEFAULTS,
+                                  validation_data=(x_test, y_test))
+    except LOAD_ERRORS as exc:
+        return fail("train_signs.py", exc)
     _, train_acc = model.evaluate(x_train, y_train)
     _, test_acc = model.evaluate(x_test, y_test)
     print(f"train accuracy {train_acc:.4f}  test accuracy {test_acc:.4f}  "
           f"wall time {wall:.1f} s (n_jobs={trainer.n_jobs})")
-    if args.save:
-        model.save(args.save)
-        print(f"model saved to {args.save}")
+    save_if_asked(model, args.save)
     return 0
 
 

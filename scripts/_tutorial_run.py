@@ -1,0 +1,72 @@
+"""What the tutorial training scripts share: their common options and the timed training run.
+
+Each script keeps its own set-up (network, data, report); this module holds the parts that
+would otherwise be copied into every one of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from partrain import Sequential, Trainer, optim
+from partrain.cli import EpochSummary
+
+LOAD_ERRORS = (OSError, ValueError, ImportError)  # reported in one line, exit status 2
+
+
+def add_mnist_data_options(parser: argparse.ArgumentParser) -> None:
+    """--data-dir, --dataset and --limit of the scripts that train on MNIST-like data."""
+    parser.add_argument("--data-dir", default="data",
+                        help="folder holding mnist/*-ubyte.gz (default data/)")
+    parser.add_argument("--dataset", default="mnist",
+                        help="mnist (default), fashion-mnist or npz:PATH: any 28x28x1, "
+                        "10-class dataset partrain.data.load_dataset reads")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="train on the first N training images only (a quick run)")
+
+
+def add_run_options(parser: argparse.ArgumentParser, defaults: dict, seed_help: str) -> None:
+    """--epochs, --n-jobs, --seed, --save and --quiet."""
+    parser.add_argument("--epochs", type=int, default=defaults["epochs"],
+                        help=f"epochs (default {defaults['epochs']})")
+    parser.add_argument("--n-jobs", type=int, default=1,
+                        help="worker processes, -1 = all cores (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--save", metavar="MODEL.npz", help="save the trained model here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+
+
+def check_limit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--limit, when given, must be a positive count."""
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, got {args.limit}")
+
+
+def fit_timed(model: Sequential, x_train: np.ndarray, y_train: np.ndarray,
+              args: argparse.Namespace, defaults: dict, validation_data=None,
+              lr_schedule=None) -> tuple[Trainer, float]:
+    """Train with Adam at the set-up's lr and batch size; return the trainer and wall seconds."""
+    t0 = time.perf_counter()
+    with Trainer(model, optim.Adam(defaults["lr"]), n_jobs=args.n_jobs,
+                 batch_size=defaults["batch_size"], seed=args.seed, lr_schedule=lr_schedule,
+                 progress=not args.quiet) as trainer:
+        trainer.fit(x_train, y_train, epochs=args.epochs, validation_data=validation_data,
+                    callbacks=[EpochSummary(args.epochs, args.quiet)])
+    return trainer, time.perf_counter() - t0
+
+
+def fail(prog: str, exc: Exception) -> int:
+    """Report a load or training error in one line; the exit status of a usage error."""
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def save_if_asked(model: Sequential, path: str | None) -> None:
+    """Save the trained model where --save says, if it says."""
+    if path:
+        model.save(path)
+        print(f"model saved to {path}")
