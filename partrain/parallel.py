@@ -43,7 +43,8 @@ MIN_CHUNK_EXAMPLES = 16  # mnist_cnn: 8-example chunks ran 15-35% slower per exa
 
 
 class WorkerError(RuntimeError):
-    """A chunk's computation raised inside a worker; the message names the original error."""
+    """A chunk's computation raised (in a worker, or in the master's share of a parallel step);
+    the message names the original error."""
 
     def __init__(self, message: str, remote_traceback: str = ""):
         super().__init__(message)
@@ -680,7 +681,8 @@ def _as_worker_error(exc: BaseException, step_key: tuple) -> WorkerError:
     if frames:
         where = f" (at {frames[-1]})"
     return WorkerError(
-        f"A worker failed at step key {step_key}: {type(exc).__name__}: {exc}{where}", remote)
+        f"Computing a chunk failed at step key {step_key}: {type(exc).__name__}: {exc}{where}",
+        remote)
 
 
 # ----------------------------------------------------------------------------- backends
