@@ -2,16 +2,17 @@
 
 from . import functional, layers, optim, zoo
 from .callbacks import Callback, EarlyStopping, History
+from .chunks import WorkerCrashError
 from .gradcheck import gradcheck
 from .layers import Context
 from .model import Sequential, load
-from .parallel import WorkerCrashError, WorkerError
+from .parallel import ParallelismWarning
 from .trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Callback", "Context", "EarlyStopping", "History", "NonFiniteLossError", "Sequential",
-    "Trainer", "TrainingInterrupted", "WorkerCrashError", "WorkerError", "functional",
+    "Callback", "Context", "EarlyStopping", "History", "NonFiniteLossError", "ParallelismWarning",
+    "Sequential", "Trainer", "TrainingInterrupted", "WorkerCrashError", "functional",
     "gradcheck", "layers", "load", "optim", "zoo", "__version__",
 ]

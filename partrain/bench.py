@@ -17,6 +17,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from . import zoo
 from .optim import Adam
-from .parallel import resolve_n_jobs
+from .parallel import ParallelismWarning, resolve_n_jobs
 from .trainer import Trainer
 
 SYNTHETIC_EXAMPLES = 2048
@@ -40,6 +41,7 @@ class BenchRow:
     dtype: str
     engine: str
     threads: int
+    processes: int  # processes that computed each step: fewer than n_jobs when chunks lack
     chunk_size: int
     examples_per_s: float
     examples_per_s_min: float
@@ -145,10 +147,11 @@ def bench_partrain(model_name: str, batch_size: int, n_jobs: int, dtype: str = "
     rng = np.random.default_rng(0)
     X = rng.random((max(SYNTHETIC_EXAMPLES, batch_size), *model.input_shape)).astype(dtype)
     y = rng.integers(0, model.n_classes, len(X))
-    trainer = Trainer(model, Adam(1e-4), n_jobs=n_jobs, batch_size=batch_size,
-                      chunk_size=chunk_size, progress=False, backend=backend,
-                      scheduler=scheduler)
-    grad = np.empty_like(model.params)
+    with warnings.catch_warnings():  # a clamped n_jobs is marked in the table instead
+        warnings.simplefilter("ignore", ParallelismWarning)
+        trainer = Trainer(model, Adam(1e-4), n_jobs=n_jobs, batch_size=batch_size,
+                          chunk_size=chunk_size, progress=False, backend=backend,
+                          scheduler=scheduler)
     timings = []
     state = {"step": 0}
 
@@ -156,13 +159,12 @@ def bench_partrain(model_name: str, batch_size: int, n_jobs: int, dtype: str = "
         k = state["step"]
         start = (k * batch_size) % (len(X) - batch_size + 1)
         t0 = time.perf_counter()
-        trainer._step(np.arange(start, start + batch_size), 0, k, grad, t0)
+        trainer.train_step(np.arange(start, start + batch_size), 0, k)
         t1 = time.perf_counter()
         timings.append((t1 - t0, trainer.engine.last_timing))
         state["step"] = k + 1
 
-    with trainer, trainer._blas_limit():
-        trainer.engine.bind(X, y)
+    with trainer, trainer.session(X, y):
         rates = _windows(step, batch_size, duration, warmup, repeats)
         workers = [_peak_rss_mb(pid) for pid in getattr(trainer.engine, "worker_pids", list)()]
         moved = getattr(trainer.engine, "last_bytes", None)
@@ -175,7 +177,8 @@ def bench_partrain(model_name: str, batch_size: int, n_jobs: int, dtype: str = "
     return BenchRow(
         model=model_name, batch_size=batch_size, n_jobs=n_jobs, dtype=dtype,
         engine=f"partrain-{backend}" if n_jobs > 1 or backend != "loky" else "partrain",
-        threads=n_jobs, chunk_size=trainer.chunk_size, examples_per_s=median,
+        threads=n_jobs, processes=trainer.plan.processes, chunk_size=trainer.chunk_size,
+        examples_per_s=median,
         examples_per_s_min=min(rates), examples_per_s_max=max(rates),
         gflops=median * model.flops_per_example() / 1e9, step_ms=1e3 * step_s,
         compute_ms=1e3 * compute_s, engine_ms=1e3 * (run_s - compute_s + reduce_s),
@@ -246,7 +249,7 @@ def bench_torch(model_name: str, batch_size: int, threads: int, repeats: int = 5
         torch.set_num_threads(previous)
     median = statistics.median(rates)
     return BenchRow(model=model_name, batch_size=batch_size, n_jobs=1, dtype="float32",
-                    engine="torch", threads=threads, chunk_size=batch_size,
+                    engine="torch", threads=threads, processes=1, chunk_size=batch_size,
                     examples_per_s=median, examples_per_s_min=min(rates),
                     examples_per_s_max=max(rates), windows=rates)
 
@@ -309,7 +312,8 @@ def run_bench(models: list[str], batch_sizes: list[int], n_jobs: list[int],
 
 def _add_ratios(rows: list[BenchRow]) -> None:
     """Speedup and efficiency against partrain's n_jobs=1 for the same model and batch size:
-    the in-process run when measured, else the backend's own n_jobs=1 run."""
+    the in-process run when measured, else the backend's own n_jobs=1 run. None for rows
+    whose steps had fewer chunks than n_jobs: fewer processes computed than the row says."""
     base = {}
     for r in sorted((r for r in rows if r.n_jobs == 1 and r.engine != "torch"),
                     key=lambda r: r.engine != "partrain"):  # in-process first
@@ -318,7 +322,7 @@ def _add_ratios(rows: list[BenchRow]) -> None:
         if r.engine == "torch":
             continue
         ref = base.get((r.model, r.batch_size))
-        if ref:
+        if ref and r.processes == r.n_jobs:  # else n_jobs was clamped: no speedup to claim
             r.speedup = r.examples_per_s / ref
             r.efficiency = r.speedup / r.n_jobs
 
@@ -336,8 +340,10 @@ def format_table(report: dict) -> str:
         rate = (f"{r['examples_per_s']:>9,.0f} [{r['examples_per_s_min']:,.0f}-"
                 f"{r['examples_per_s_max']:,.0f}]")
         engine = r["engine"] if r["engine"] != "torch" else f"torch {r['threads']}thr"
+        clamped = r["processes"] < r["n_jobs"]
+        jobs = f"{r['n_jobs']}*" if clamped else str(r["n_jobs"])
         lines.append(
-            f"{r['model']:<11}{r['batch_size']:>6}{engine:>16}{r['n_jobs']:>5}  {rate:<26}"
+            f"{r['model']:<11}{r['batch_size']:>6}{engine:>16}{jobs:>5}  {rate:<26}"
             f"{_fmt(r['speedup'], '.2f')}{_fmt(r['efficiency'], '.2f', 6)}"
             f"{_fmt(r['gflops'], '.1f', 9)}{_fmt(r['step_ms'], '.2f', 9)}"
             f"{_fmt(r['compute_ms'], '.2f', 9)}{_fmt(r['engine_ms'], '.2f')}"
@@ -345,6 +351,11 @@ def format_table(report: dict) -> str:
     lines.append(f"matmul peak (1 thread, {report['settings']['dtype']}): "
                  f"{report['matmul_peak_gflops_per_core']:.1f} GFLOP/s per core; "
                  f"{report['machine']['cpu']}, {report['machine']['cores']} cores")
+    clamped = sorted({(r["n_jobs"], r["processes"]) for r in report["rows"]
+                      if r["processes"] < r["n_jobs"]})
+    for n_jobs, processes in clamped:
+        lines.append(f"* n_jobs={n_jobs}: each step had only {processes} chunk(s), so it ran in "
+                     f"{processes} process(es); no speedup is claimed (see --chunk-size)")
     lines += _dask_overhead_lines(report)
     lines += _torch_ratio_lines(report)
     return "\n".join(lines)
@@ -404,90 +415,3 @@ def write_csv(report: dict, path: str | Path) -> None:
             flat = {k: ";".join(f"{x:.6g}" for x in v) if isinstance(v, list) else v
                     for k, v in r.items()}
             writer.writerow({**flat, **machine})
-
-
-def plot_scaling(report: dict, path: str | Path) -> Path:
-    """examples/s and speedup against n_jobs per model and batch size, with ideal scaling."""
-    from .plots import _pyplot, _save
-
-    plt = _pyplot()
-    rows = [r for r in report["rows"] if r["engine"] != "torch"]
-    fig, (ax_rate, ax_speed) = plt.subplots(1, 2, figsize=(11, 4.2))
-    max_jobs = max(r["n_jobs"] for r in rows)
-    def curve(r: dict) -> tuple:
-        return r["model"], r["batch_size"], r["engine"] == "partrain-dask"
-
-    for key in sorted({curve(r) for r in rows}):
-        sel = sorted((r for r in rows if curve(r) == key), key=lambda r: r["n_jobs"])
-        jobs = [r["n_jobs"] for r in sel]
-        label = f"{key[0]}, batch {key[1]}" + (" (dask)" if key[2] else "")
-        ax_rate.errorbar(jobs, [r["examples_per_s"] for r in sel], fmt="o-", label=label,
-                         yerr=[[r["examples_per_s"] - r["examples_per_s_min"] for r in sel],
-                               [r["examples_per_s_max"] - r["examples_per_s"] for r in sel]])
-        ax_speed.plot(jobs, [r["speedup"] or 0 for r in sel], "o-", label=label)
-    ax_speed.plot([1, max_jobs], [1, max_jobs], "k--", label="ideal")
-    ax_rate.set(xlabel="n_jobs", ylabel="examples/s", yscale="log", title="throughput")
-    ax_speed.set(xlabel="n_jobs", ylabel="speedup vs n_jobs=1", title="scaling")
-    for ax in (ax_rate, ax_speed):
-        ax.set_xticks(range(1, max_jobs + 1))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return _save(fig, plt, path)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_bench_parser(sub) -> None:
-    """Register `partrain bench` on the CLI's subparsers."""
-    from .cli import _csv
-
-    bench = sub.add_parser(
-        "bench", help="scaling experiment: examples/s, speedup, efficiency per n_jobs",
-        description="Time full training steps on synthetic data of each model's input shape.")
-    bench.add_argument("--model", type=_csv(str), default=["signs-cnn", "mnist-cnn", "mlp"],
-                       help="comma-separated models (default signs-cnn,mnist-cnn,mlp)")
-    bench.add_argument("--batch-size", type=_csv(int), default=[32, 64],
-                       help="comma-separated batch sizes (default 32,64)")
-    bench.add_argument("--n-jobs", type=_csv(int), default=[1, 2],
-                       help="comma-separated worker counts (default 1,2)")
-    bench.add_argument("--chunk-size", type=int, default=None,
-                       help="examples per task (default: from model and batch size)")
-    bench.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    bench.add_argument("--repeats", type=int, default=5, help="timed windows (default 5)")
-    bench.add_argument("--duration", type=float, default=3.0, help="seconds per window")
-    bench.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up")
-    bench.add_argument("--compare", choices=["torch"], default=None,
-                       help="also time the same networks in PyTorch")
-    bench.add_argument("--backend", choices=["loky", "dask"], default="loky",
-                       help="dask: also times the local backend, to show Dask's overhead")
-    bench.add_argument("--scheduler", default=None,
-                       help="dask scheduler address tcp://HOST:8786 (default: a local cluster)")
-    bench.add_argument("--json", default=None, help="write the full report here")
-    bench.add_argument("--csv", default=None, help="write one row per configuration here")
-    bench.add_argument("--plot", default=None, help="write the scaling plot (PNG) here")
-    bench.add_argument("--quiet", action="store_true", help="no progress bar")
-    bench.set_defaults(func=cmd_bench)
-
-
-def cmd_bench(args) -> int:
-    """`partrain bench`: run, print the table, write the requested files."""
-    from .cli import _scheduler
-
-    if args.plot:
-        from .plots import require_matplotlib
-
-        require_matplotlib()
-    report = run_bench([m.replace("_", "-") for m in args.model], args.batch_size, args.n_jobs,
-                       args.dtype, args.repeats, args.duration, args.warmup,
-                       compare_torch=args.compare == "torch", chunk_size=args.chunk_size,
-                       backend=args.backend, scheduler=_scheduler(args),
-                       progress=not args.quiet)
-    print(format_table(report))
-    for option, writer in ((args.json, write_json), (args.csv, write_csv),
-                           (args.plot, plot_scaling)):
-        if option:
-            writer(report, option)
-            print(f"wrote {option}")
-    return 0

@@ -7,16 +7,18 @@ import json
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from . import zoo
 from .callbacks import Callback
+from .chunks import WorkerCrashError
 from .data import DATASETS, DataError, load_dataset
 from .io import FileFormatError
 from .model import Sequential
-from .parallel import WorkerCrashError, WorkerError
+from .parallel import ParallelismWarning
 
 # Per-model defaults: `partrain train` alone trains something real, offline, in seconds.
 MODEL_DEFAULTS = {
@@ -176,6 +178,8 @@ def cmd_train(args) -> int:
                       f"{len(data.x_test):,} test) with n_jobs={trainer.n_jobs}, batch "
                       f"{trainer.batch_size}, chunk {trainer.chunk_size}; epochs "
                       f"{trainer.epoch + 1}..{epochs}", file=sys.stderr)
+            for note in trainer.plan.notes(chunk_option="--chunk-size {}"):
+                print(f"note: {note}", file=sys.stderr)
             t0 = time.perf_counter()
             trainer.fit(data.x_train, data.y_train, epochs=remaining,
                         validation_data=(data.x_test, data.y_test),
@@ -201,6 +205,62 @@ def _scheduler(args) -> str | None:
     if args.scheduler and args.backend != "dask":
         raise UsageError("--scheduler needs --backend dask")
     return args.scheduler
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def add_bench_parser(sub) -> None:
+    """Register `partrain bench` on the CLI's subparsers."""
+    bench = sub.add_parser(
+        "bench", help="scaling experiment: examples/s, speedup, efficiency per n_jobs",
+        description="Time full training steps on synthetic data of each model's input shape.")
+    bench.add_argument("--model", type=_csv(str), default=["signs-cnn", "mnist-cnn", "mlp"],
+                       help="comma-separated models (default signs-cnn,mnist-cnn,mlp)")
+    bench.add_argument("--batch-size", type=_csv(int), default=[32, 64],
+                       help="comma-separated batch sizes (default 32,64)")
+    bench.add_argument("--n-jobs", type=_csv(int), default=[1, 2],
+                       help="comma-separated worker counts (default 1,2)")
+    bench.add_argument("--chunk-size", type=int, default=None,
+                       help="examples per task (default: from model and batch size)")
+    bench.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    bench.add_argument("--repeats", type=int, default=5, help="timed windows (default 5)")
+    bench.add_argument("--duration", type=float, default=3.0, help="seconds per window")
+    bench.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up")
+    bench.add_argument("--compare", choices=["torch"], default=None,
+                       help="also time the same networks in PyTorch")
+    bench.add_argument("--backend", choices=["loky", "dask"], default="loky",
+                       help="dask: also times the local backend, to show Dask's overhead")
+    bench.add_argument("--scheduler", default=None,
+                       help="dask scheduler address tcp://HOST:8786 (default: a local cluster)")
+    bench.add_argument("--json", default=None, help="write the full report here")
+    bench.add_argument("--csv", default=None, help="write one row per configuration here")
+    bench.add_argument("--plot", default=None, help="write the scaling plot (PNG) here")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    """`partrain bench`: run, print the table, write the requested files."""
+    from .bench import format_table, run_bench, write_csv, write_json
+    from .plots import plot_scaling
+
+    if args.plot:
+        from .plots import require_matplotlib
+
+        require_matplotlib()
+    report = run_bench([m.replace("_", "-") for m in args.model], args.batch_size, args.n_jobs,
+                       args.dtype, args.repeats, args.duration, args.warmup,
+                       compare_torch=args.compare == "torch", chunk_size=args.chunk_size,
+                       backend=args.backend, scheduler=_scheduler(args),
+                       progress=not args.quiet)
+    print(format_table(report))
+    for option, writer in ((args.json, write_json), (args.csv, write_csv),
+                           (args.plot, plot_scaling)):
+        if option:
+            writer(report, option)
+            print(f"wrote {option}")
+    return 0
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -343,8 +403,6 @@ def make_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(func=cmd_gradcheck)
 
-    from .bench import add_bench_parser
-
     add_bench_parser(sub)
     return parser
 
@@ -367,12 +425,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prog = f"partrain {args.command}"
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # `train` prints these in its header instead
+            warnings.simplefilter("ignore", ParallelismWarning)
+            return args.func(args)
     except (UsageError, ValueError, FileNotFoundError, FileFormatError, DataError,
             ImportError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (WorkerError, WorkerCrashError, FloatingPointError) as exc:
+    except (WorkerCrashError, FloatingPointError) as exc:
         print(f"{prog}: failed: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt as exc:

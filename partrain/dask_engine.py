@@ -2,7 +2,8 @@
 
 Same arithmetic as the loky engine (every chunk goes through `parallel.compute_chunk` with a
 model rebuilt from its config), so the parameters after training are bit-for-bit those of
-the serial and loky engines. What travels: the training set once per `fit` (broadcast to
+the serial and loky engines; an exception raised by a chunk reaches the caller as itself.
+What travels: the training set once per `fit` (broadcast to
 every worker), then per step the parameter vector once to each worker, a few indices per
 task, and each chunk's gradient back.
 """
@@ -28,18 +29,19 @@ except ImportError:  # pragma: no cover - depends on the environment
         "backend='dask' needs dask.distributed: pip install 'partrain[dask]'."
     ) from None
 
-from .model import Sequential
-from .parallel import (
+from .chunks import (
     Engine,
     WorkerCrashError,
-    _as_worker_error,
+    chunks_per_step,
     compute_chunk,
-    custom_layer_modules,
     keep_freed_memory,
     split_evenly,
+    worker_imports,
 )
+from .model import Sequential
 
 WORKERS_REFRESH_S = 5.0  # how often the master asks which workers the cluster has
+WAIT_SLICE_S = 0.1  # how often a waiting master checks for Ctrl-C / SIGTERM
 
 # ----------------------------------------------------------------------------- worker side
 
@@ -167,21 +169,22 @@ class DaskEngine(Engine):
     def __init__(self, model: Sequential, chunk_size: int, n_jobs: int, batch_size: int,
                  blas_threads: int = 1, max_restarts: int = 3,
                  scheduler: str | distributed.Client | None = None, step_timeout: float = 300.0,
-                 connect_timeout: float = 10.0):
-        super().__init__(model, chunk_size)
+                 connect_timeout: float = 10.0, check_interrupt=None):
+        super().__init__(model, chunk_size, check_interrupt)
         self.max_restarts = int(max_restarts)
         self.step_timeout = float(step_timeout)
         self.connect_timeout = float(connect_timeout)
-        self._spec = TaskSpec(secrets.token_hex(8), model.config(), custom_layer_modules(model),
+        self._spec = TaskSpec(secrets.token_hex(8), model.config(), worker_imports(model),
                               int(blas_threads))
         self._data: list[distributed.Future] = []
         self._training_set: tuple[np.ndarray, np.ndarray] | None = None
         self._slots: list[str | None] = []  # one worker address per worker thread
         self._slots_time = -np.inf
         self.last_bytes = {"params": 0, "workers": 0, "grads": 0}
-        n_slots = self.slots_needed(batch_size)
+        n_slots = chunks_per_step(batch_size, chunk_size)
         self._grad_slots = np.empty((n_slots, model.n_params), model.dtype)
         self._stats_slots = np.empty((n_slots, model.buffers.size), model.dtype)
+        self._chunk_results = np.empty((n_slots, 2), np.float64)  # loss sum, n correct
         self._cluster = self._client = None
         self._owns_client = scheduler is None or isinstance(scheduler, str)
         if scheduler is None:
@@ -305,29 +308,36 @@ class DaskEngine(Engine):
             if client.status == "running":
                 client.cancel(futures)
             raise
-        n_grad_bytes, busy, per_chunk = 0, [], []
+        n_grad_bytes, busy = 0, []
         for group, (grads, stats, losses, corrects, seconds) in zip(groups, results):
             for i, (k, _) in enumerate(group):
                 self._grad_slots[k] = grads[i]
                 self._stats_slots[k] = stats[i]
+                self._chunk_results[k] = losses[i], corrects[i]
             n_grad_bytes += grads.nbytes + stats.nbytes
             busy.append(seconds)
-            per_chunk.extend(zip(losses, corrects))
         self.last_bytes = {"params": state.nbytes, "workers": len(set(slots) - {None}),
                            "grads": n_grad_bytes}
-        return per_chunk, busy
+        return busy
 
     def _wait(self, futures: list[distributed.Future], step_key: tuple) -> None:
-        """Wait for all tasks; turn a timeout or a failed task into WorkerCrash/WorkerError."""
-        try:
-            with self._client.as_current():
-                distributed.wait(futures, timeout=self.step_timeout)
-        except distributed.TimeoutError:
-            raise WorkerCrashError(
-                f"A step took longer than step_timeout={self.step_timeout:g} s on the Dask "
-                f"cluster at {self.address} (step key {step_key}). Are its workers alive and "
-                "not overloaded?"
-            ) from None
+        """Wait for all tasks, checking for an interrupt every WAIT_SLICE_S; a timeout or a
+        task Dask gave up on is a WorkerCrashError, a task's own exception is raised as is."""
+        deadline = time.monotonic() + self.step_timeout
+        with self._client.as_current():
+            while True:
+                self.check_interrupt()
+                try:
+                    remaining = max(deadline - time.monotonic(), 1e-3)
+                    distributed.wait(futures, timeout=min(WAIT_SLICE_S, remaining))
+                    break
+                except distributed.TimeoutError:
+                    if time.monotonic() >= deadline:
+                        raise WorkerCrashError(
+                            f"A step took longer than step_timeout={self.step_timeout:g} s on "
+                            f"the Dask cluster at {self.address} (step key {step_key}). Are "
+                            "its workers alive and not overloaded?"
+                        ) from None
         for future in futures:
             if future.status == "error":
                 exc = future.exception()
@@ -337,10 +347,7 @@ class DaskEngine(Engine):
                         "died each time they ran it (out of memory? a crash in a native "
                         "library?)."
                     ) from None
-                try:
-                    future.result()
-                except Exception as raised:
-                    raise _as_worker_error(raised, step_key) from None
+                future.result()  # the task's own exception, with its remote traceback
 
     # -- lifecycle
 

@@ -13,12 +13,14 @@ import os
 import signal
 import threading
 import time
+import warnings
 import weakref
 from pathlib import Path
 
 import numpy as np
 
 from .callbacks import Callback, History
+from .chunks import ChunkTotals, WorkerCrashError, default_chunk_size
 from .io import FileFormatError, read_npz, write_npz
 from .model import Sequential, model_from_arrays
 from .optim import (
@@ -30,7 +32,7 @@ from .optim import (
     optimizer_from_config,
     schedule_from_config,
 )
-from .parallel import WorkerCrashError, default_chunk_size, make_engine, resolve_n_jobs
+from .parallel import BACKENDS, ParallelismWarning, make_engine, plan_processes, resolve_n_jobs
 
 SHUFFLE_STREAM, STEP_STREAM = 0, 1  # first key element: which kind of random draw
 
@@ -64,7 +66,9 @@ class Trainer:
     optimizer : Optimizer, optional
         Default `optim.Adam()`. Its state lives on the master only.
     n_jobs : int
-        Worker processes; -1 = all cores. 1 runs in the master with no pool (debugging mode).
+        Processes that compute each step, the master included; -1 = all cores. 1 runs in the
+        master with no pool (debugging mode). Never more processes start than a step has
+        chunks: a larger n_jobs is clamped with a `ParallelismWarning` (see `plan`).
     batch_size : int
         Examples per optimizer update.
     chunk_size : int, optional
@@ -130,7 +134,13 @@ class Trainer:
         self.blas_threads = _positive("blas_threads", blas_threads)
         self.max_restarts = int(max_restarts)
         self.backend_options = dict(backend_options or {})
-        self._check_backend()
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"Invalid backend: {self.backend!r}, expected one of {sorted(BACKENDS)}."
+            )
+        self.plan = plan_processes(self.n_jobs, self.batch_size, self.chunk_size)
+        for note in self.plan.notes():
+            warnings.warn(note, ParallelismWarning, stacklevel=2)
         if scheduler is not None:
             if backend != "dask":
                 raise ValueError(f"`scheduler` needs backend='dask', got backend={backend!r}.")
@@ -143,15 +153,8 @@ class Trainer:
         self._engine = None
         self._engine_finalizer = None
         self._guard = _InterruptGuard()
+        self._grad: np.ndarray | None = None  # the step's gradient buffer, during a session
         self._shuffle = True
-
-    def _check_backend(self) -> None:
-        from .parallel import BACKENDS
-
-        if self.backend not in BACKENDS:
-            raise ValueError(
-                f"Invalid backend: {self.backend!r}, expected one of {sorted(BACKENDS)}."
-            )
 
     # ------------------------------------------------------------------ engine lifecycle
 
@@ -159,9 +162,12 @@ class Trainer:
     def engine(self):
         """The gradient engine, started on first use and reused across steps and fits."""
         if self._engine is None:
-            self._engine = make_engine(self.backend, self.model, self.chunk_size, self.n_jobs,
-                                       self.batch_size, blas_threads=self.blas_threads,
-                                       max_restarts=self.max_restarts, **self.backend_options)
+            self._engine = make_engine(self.backend, self.model, self.chunk_size,
+                                       self.plan.processes, self.batch_size,
+                                       blas_threads=self.blas_threads,
+                                       max_restarts=self.max_restarts,
+                                       check_interrupt=self._guard.check,
+                                       **self.backend_options)
             self._engine_finalizer = weakref.finalize(self, self._engine.close)
         return self._engine
 
@@ -197,61 +203,108 @@ class Trainer:
             Workers kept dying; a checkpoint is written first.
         """
         epochs = _positive("epochs", epochs)
-        X, y = self.model.check_Xy(X, y)
-        if len(X) == 0:
-            raise ValueError("`X` must hold at least one training example, got 0.")
         if validation_data is not None:
             if len(validation_data) != 2:
                 raise ValueError("`validation_data` must be a pair (X_val, y_val).")
             validation_data = self.model.check_Xy(
                 *validation_data, names=("validation_data[0]", "validation_data[1]"))
-        X, y = np.ascontiguousarray(X), np.ascontiguousarray(y)
         self.stop_training = False
         if shuffle is not None:  # None keeps the run's setting (True, or the checkpoint's)
             self._shuffle = bool(shuffle)
+        with self.session(X, y) as n_examples:
+            for cb in callbacks:
+                cb.on_train_begin(self)
+            for _ in range(epochs):
+                self._run_epoch(n_examples, validation_data, callbacks)
+                if self.stop_training:
+                    break
+            for cb in callbacks:
+                cb.on_train_end(self)
+            if self.checkpoint is not None:
+                self.save_checkpoint(self.checkpoint)
+            self._guard.check()  # a signal that came during the last epoch's end
+        return self.history
+
+    @contextlib.contextmanager
+    def session(self, X, y):
+        """Make (X, y) the training set of `train_step` calls; yields its length.
+
+        Validates the data (before any worker starts), limits BLAS threads, binds the data to
+        the engine, and turns SIGINT/SIGTERM into a request that is honoured at the next safe
+        point (between steps, or while waiting for workers): the signal raises
+        `TrainingInterrupted` there, after the workers are stopped and, when checkpointing is
+        on, the checkpoint of the last completed step is written. `fit` runs in one; use it
+        directly to drive or time single steps.
+        """
+        X, y = self.model.check_Xy(X, y)
+        if len(X) == 0:
+            raise ValueError("`X` must hold at least one training example, got 0.")
+        X, y = np.ascontiguousarray(X), np.ascontiguousarray(y)
         with self._guard, self._blas_limit():
             try:
+                self._grad = np.empty_like(self.model.params)
                 self.engine.bind(X, y)
-                for cb in callbacks:
-                    cb.on_train_begin(self)
-                for _ in range(epochs):
-                    self._run_epoch(X, y, validation_data, callbacks)
-                    if self.stop_training:
-                        break
-                for cb in callbacks:
-                    cb.on_train_end(self)
+                yield len(X)
             except (KeyboardInterrupt, WorkerCrashError):
                 self.close(kill=True)
                 if self.checkpoint is not None:
                     self.save_checkpoint(self.checkpoint)
                 raise
-            except Exception:
+            except BaseException:
                 self.close(kill=True)
                 raise
-        if self.checkpoint is not None:
-            self.save_checkpoint(self.checkpoint)
-        return self.history
+            finally:
+                self._grad = None
+
+    def train_step(self, batch_idx: np.ndarray, epoch: int = 0, step: int = 0) -> ChunkTotals:
+        """One optimizer update from the examples `batch_idx` of the session's training set.
+
+        The chunks' summed gradient (random draws keyed by (seed, epoch, step, chunk)) is
+        divided by the number of examples and applied by the optimizer on the master; the
+        batch-norm statistics are folded into the running buffers. Returns the step's sums.
+        Raises NonFiniteLossError, without applying anything, when the loss is NaN or inf.
+        """
+        if self._grad is None:
+            raise RuntimeError("train_step needs a session: `with trainer.session(X, y): ...`")
+        grad = self._grad
+        totals = self.engine.gradient(batch_idx, (self.seed, STEP_STREAM, epoch, step), grad)
+        if not math.isfinite(totals.loss):
+            raise NonFiniteLossError(
+                f"The training loss became {totals.loss} at epoch {epoch} step {step}; the "
+                "update was not applied. Try a lower learning rate, scale the inputs to "
+                "[0, 1] or standardise them, or use float64."
+            )
+        grad *= grad.dtype.type(1.0 / totals.n_examples)  # the sum becomes a mean
+        self.optimizer.step(self.model.params, grad)
+        if totals.stats is not None:
+            self.model.fold_batch_stats(totals.stats)
+        return totals
 
     def _epoch_order(self, n: int, epoch: int) -> np.ndarray:
         if not self._shuffle:
             return np.arange(n)
         return np.random.default_rng([self.seed, SHUFFLE_STREAM, epoch]).permutation(n)
 
-    def _run_epoch(self, X, y, validation_data, callbacks) -> None:
-        epoch, n = self.epoch, len(X)
+    def _run_epoch(self, n: int, validation_data, callbacks) -> None:
+        epoch = self.epoch
         n_steps = -(-n // self.batch_size)
         self.optimizer.lr = self.lr_schedule(self.base_lr, epoch)
         for cb in callbacks:
             cb.on_epoch_begin(self, epoch)
         order = self._epoch_order(n, epoch)
-        grad = np.empty_like(self.model.params)
         bar = _progress_bar(self.progress, n_steps, epoch, self.step_in_epoch)
         started = time.perf_counter() - self._partial["time"]
         try:
             for step in range(self.step_in_epoch, n_steps):
-                batch_idx = order[step * self.batch_size:(step + 1) * self.batch_size]
-                self._step(batch_idx, epoch, step, grad, started)
+                self._guard.check()
+                totals = self.train_step(
+                    order[step * self.batch_size:(step + 1) * self.batch_size], epoch, step)
                 p = self._partial
+                p["loss"] += totals.loss
+                p["correct"] += totals.n_correct
+                p["seen"] += totals.n_examples
+                p["time"] = time.perf_counter() - started
+                self.step_in_epoch = step + 1
                 logs = {"loss": p["loss"] / p["seen"], "accuracy": p["correct"] / p["seen"],
                         "examples_per_s": p["seen"] / max(p["time"], 1e-9)}
                 if bar is not None:
@@ -265,28 +318,6 @@ class Trainer:
                 bar.close()
         self._end_epoch(validation_data, callbacks)
 
-    def _step(self, batch_idx: np.ndarray, epoch: int, step: int, grad: np.ndarray,
-              started: float) -> None:
-        """One optimizer update from the examples `batch_idx` of the bound training set."""
-        totals = self.engine.gradient(batch_idx, (self.seed, STEP_STREAM, epoch, step), grad)
-        if not math.isfinite(totals.loss):
-            raise NonFiniteLossError(
-                f"The training loss became {totals.loss} at epoch {epoch} step {step}; the "
-                "update was not applied. Try a lower learning rate, scale the inputs to "
-                "[0, 1] or standardise them, or use float64."
-            )
-        grad *= grad.dtype.type(1.0 / totals.n_examples)  # the sum becomes a mean
-        with self._guard.atomic():  # the update and its bookkeeping: together or not at all
-            self.optimizer.step(self.model.params, grad)
-            if totals.stats is not None:
-                self.model.fold_batch_stats(totals.stats)
-            p = self._partial
-            p["loss"] += totals.loss
-            p["correct"] += totals.n_correct
-            p["seen"] += totals.n_examples
-            p["time"] = time.perf_counter() - started
-            self.step_in_epoch = step + 1
-
     def _end_epoch(self, validation_data, callbacks) -> None:
         p = self._partial
         logs = {"loss": p["loss"] / p["seen"], "accuracy": p["correct"] / p["seen"]}
@@ -294,11 +325,10 @@ class Trainer:
             logs["val_loss"], logs["val_accuracy"] = self.model.evaluate(*validation_data)
         logs.update(examples_per_s=p["seen"] / max(p["time"], 1e-9), epoch_time_s=p["time"],
                     lr=self.optimizer.lr)
-        with self._guard.atomic():
-            self.history.append(logs)
-            self.epoch += 1
-            self.step_in_epoch = 0
-            self._partial = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+        self.history.append(logs)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self._partial = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
         for cb in callbacks:
             cb.on_epoch_end(self, self.epoch - 1, logs)
         if self.checkpoint is not None and self.epoch % self.checkpoint_every == 0:
@@ -311,6 +341,8 @@ class Trainer:
     # ------------------------------------------------------------------ context managers
 
     def _blas_limit(self):
+        """BLAS threads of the master limited to `blas_threads` (1: n_jobs processes use
+        n_jobs cores, never more)."""
         from threadpoolctl import threadpool_limits
 
         return threadpool_limits(limits=self.blas_threads)
@@ -394,46 +426,42 @@ def _as_schedule(lr_schedule):
 
 
 class _InterruptGuard:
-    """While active, SIGINT and SIGTERM raise TrainingInterrupted, except inside `atomic()`
-    blocks, where they are held back until the block ends: an optimizer update and its
-    bookkeeping happen together or not at all, so a checkpoint is always consistent.
+    """While active, SIGINT and SIGTERM are only recorded; `check()` raises
+    TrainingInterrupted at the safe points where the trainer and the engines call it.
 
-    A Python-level flag, not a signal mask: the C-level signal may land on any thread.
-    Signals the process ignores (e.g. SIGINT of a background job) stay ignored.
+    Raising from the handler itself could interrupt any line, including a lock acquisition
+    inside the process pool's bookkeeping (a deadlock seen with loky's manager thread), or an
+    optimizer update half applied. A signal recorded but not yet checked when the guard ends
+    is raised then. Signals the process ignores (e.g. SIGINT of a background job) stay
+    ignored; outside the main thread nothing is installed.
     """
 
     def __init__(self):
-        self.depth = 0
         self.pending: int | None = None
         self._previous: dict = {}
 
     def __enter__(self) -> _InterruptGuard:
+        self.pending = None
         if threading.current_thread() is threading.main_thread():
             for signum, default in ((signal.SIGINT, signal.default_int_handler),
                                     (signal.SIGTERM, signal.SIG_DFL)):
                 if signal.getsignal(signum) is default:
-                    self._previous[signum] = signal.signal(signum, self._handle)
+                    self._previous[signum] = signal.signal(signum, self._record)
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, *exc_info) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+        if exc_type is None:
+            self.check()
 
-    def _handle(self, signum, frame) -> None:
-        if self.depth:
-            self.pending = signum
-        else:
-            raise TrainingInterrupted(signum)
+    def _record(self, signum, frame) -> None:
+        self.pending = signum
 
-    @contextlib.contextmanager
-    def atomic(self):
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-        if not self.depth and self.pending is not None:
+    def check(self) -> None:
+        """Raise TrainingInterrupted if a signal came since the guard was entered."""
+        if self.pending is not None:
             signum, self.pending = self.pending, None
             raise TrainingInterrupted(signum)
 

@@ -23,8 +23,8 @@ ROW_FIELDS = ("model", "batch_size", "n_jobs", "dtype", "engine", "threads", "ex
 def bench_run(tmp_path_factory):
     pytest.importorskip("matplotlib", reason="--plot needs matplotlib")
     cwd = tmp_path_factory.mktemp("bench")
-    proc = run_partrain("bench", *TINY, "--n-jobs", "1,2", "--json", "b.json", "--csv", "b.csv",
-                        "--plot", "b.png", "--quiet", cwd=cwd)
+    proc = run_partrain("bench", *TINY, "--n-jobs", "1,2", "--chunk-size", "8", "--json",
+                        "b.json", "--csv", "b.csv", "--plot", "b.png", "--quiet", cwd=cwd)
     assert_ok(proc)
     return cwd, proc, json.loads((cwd / "b.json").read_text())
 
@@ -47,6 +47,22 @@ def test_bench_json_rows_and_ratios(bench_run):
     assert two["speedup"] == pytest.approx(two["examples_per_s"] / base["examples_per_s"])
     assert report["torch_skipped"] is None
     assert report["settings"]["repeats"] == 2
+
+
+def test_bench_claims_no_speedup_for_steps_with_fewer_chunks_than_workers(tmp_path):
+    """mlp batch 16 is one chunk per step: the n_jobs=2 row ran in one process, so it has no
+    speedup or efficiency, and the table marks it instead of printing a ratio."""
+    proc = run_partrain("bench", *TINY, "--repeats", "1", "--duration", "0.05", "--warmup", "0",
+                        "--n-jobs", "1,2", "--json", "c.json", "--quiet", cwd=tmp_path)
+    assert_ok(proc)
+    one, two = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert (one["processes"], two["processes"], two["chunk_size"]) == (1, 1, 16)
+    assert one["speedup"] == 1.0
+    assert two["speedup"] is None and two["efficiency"] is None
+    marked = [line for line in proc.stdout.splitlines() if line.startswith("mlp") and " 2* " in
+              line]
+    assert len(marked) == 1, proc.stdout
+    assert "n_jobs=2: each step had only 1 chunk(s), so it ran in 1 process(es)" in proc.stdout
 
 
 def test_bench_reports_the_machine(bench_run):

@@ -1,4 +1,5 @@
-"""Tests of ``partrain.parallel``: chunk plans, ordered reduction, engines and shared memory."""
+"""Tests of the engines (``partrain.chunks``, ``loky_engine``, ``parallel``): chunk plans,
+ordered reduction, process plans, engines and shared memory."""
 
 import inspect
 import os
@@ -10,16 +11,16 @@ import pytest
 from faulty_layers import blas_report, shm_segments, wait_gone
 from joblib import cpu_count
 
-from partrain import parallel, zoo
-from partrain.parallel import (
-    LokyEngine,
+from partrain import loky_engine, zoo
+from partrain.chunks import (
     SerialEngine,
     default_chunk_size,
     plan_chunks,
     reduce_in_order,
-    resolve_n_jobs,
     split_evenly,
 )
+from partrain.loky_engine import LokyEngine
+from partrain.parallel import plan_processes, resolve_n_jobs
 
 STEP_KEY = (0, 1, 0, 3)
 
@@ -36,7 +37,7 @@ def make_data(model, m, seed=0):
 
 def serial_gradient(model, X, y, batch_idx, chunk_size, step_key=STEP_KEY):
     """(summed gradient, totals) of `batch_idx` by a SerialEngine on a copy of `model`."""
-    engine = SerialEngine(model.copy(), chunk_size)
+    engine = SerialEngine(model.copy(), chunk_size, batch_size=len(batch_idx))
     engine.bind(X, y)
     out = np.empty_like(model.params)
     totals = engine.gradient(batch_idx, step_key, out)
@@ -108,6 +109,31 @@ def test_default_chunk_size_splits_expensive_batches():
     assert default_chunk_size(zoo.mnist_cnn(), 256) < 256
 
 
+@pytest.mark.parametrize("n_jobs, batch_size, chunk_size, processes", [
+    (1000, 32, 16, 2), (2, 32, 32, 1), (3, 40, 10, 3), (1, 64, 16, 1), (8, 7, 2, 4),
+    (2, 33, 16, 2),
+])
+def test_plan_never_starts_more_processes_than_a_step_has_chunks(n_jobs, batch_size,
+                                                                   chunk_size, processes):
+    """processes = min(n_jobs, ceil(batch / chunk)): n_jobs=1000 cannot start 999 workers."""
+    plan = plan_processes(n_jobs, batch_size, chunk_size)
+    assert (plan.processes, plan.chunks) == (processes, -(-batch_size // chunk_size))
+
+
+def test_plan_notes_say_what_runs_and_how_to_split(monkeypatch):
+    """On 2 cores: a one-chunk batch names the chunk size that would split it; n_jobs above
+    the cores that the chunks allow warns about the cores; a usable n_jobs says nothing."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert plan_processes(2, 32, 32).notes("--chunk-size {}") == [
+        "n_jobs=2 but 1 chunk per step: running in one process; use --chunk-size 16 to split"]
+    assert plan_processes(1000, 32, 16).notes() == [
+        "n_jobs=1000 but 2 chunks per step: running in 2 processes"]
+    (cores,) = plan_processes(4, 64, 16).notes()
+    assert "n_jobs=4 is more than the 2 cores" in cores
+    assert plan_processes(2, 64, 16).notes() == []
+    assert plan_processes(1, 64, 64).notes() == []
+
+
 # ----------------------------------------------------------------------------- reduction
 
 
@@ -143,7 +169,7 @@ def cnn64():
 def loky_cnn(cnn64):
     """A LokyEngine with 2 workers over a copy of the CNN, chunk 7 (6 chunks, last ragged)."""
     model, X, y, _ = cnn64
-    engine = LokyEngine(model.copy(), chunk_size=7, n_jobs=2, batch_size=40)
+    engine = LokyEngine(model.copy(), chunk_size=7, n_processes=2, batch_size=40)
     engine.bind(X, y)
     yield engine
     engine.close(kill=True)
@@ -194,7 +220,7 @@ def test_pool_sees_params_assigned_by_the_user(cnn64, loky_cnn):
 def test_pool_uses_newly_bound_data(cnn64):
     """Binding other data of the same shape makes the workers use them on the next step."""
     model, X, y, batch_idx = cnn64
-    engine = LokyEngine(model.copy(), chunk_size=20, n_jobs=2, batch_size=40)
+    engine = LokyEngine(model.copy(), chunk_size=20, n_processes=2, batch_size=40)
     X2, y2 = X * 2.0, y[::-1].copy()
     out = np.empty_like(model.params)
     try:
@@ -215,14 +241,14 @@ def test_pool_gradient_with_dropout_and_batchnorm_equals_serial(dropout, batchno
     model = zoo.mlp(dims=(64, 32, 10), dropout=dropout, batchnorm=batchnorm, seed=1)
     X, y = make_data(model, 50, seed=4)
     idx = np.random.default_rng(0).permutation(50)[:45]
-    engine = LokyEngine(model.copy(), chunk_size=8, n_jobs=2, batch_size=45)
+    engine = LokyEngine(model.copy(), chunk_size=8, n_processes=2, batch_size=45)
     try:
         engine.bind(X, y)
         out = np.empty_like(model.params)
         totals = engine.gradient(idx, STEP_KEY, out)
     finally:
         engine.close(kill=True)
-    reference = SerialEngine(model.copy(), 8)
+    reference = SerialEngine(model.copy(), 8, batch_size=45)
     reference.bind(X, y)
     expected = np.empty_like(model.params)
     expected_totals = reference.gradient(idx, STEP_KEY, expected)
@@ -241,11 +267,12 @@ def test_workers_run_with_the_requested_blas_threads(blas_threads):
     """Each worker's BLAS environment variables and BLAS pools are set to `blas_threads`."""
     model = zoo.mlp(dims=(64, 32, 10))
     X, y = make_data(model, 16)
-    engine = LokyEngine(model, chunk_size=4, n_jobs=2, batch_size=16, blas_threads=blas_threads)
+    engine = LokyEngine(model, chunk_size=4, n_processes=2, batch_size=16,
+                        blas_threads=blas_threads)
     try:
         engine.bind(X, y)
         engine.gradient(np.arange(16), STEP_KEY, np.empty_like(model.params))
-        engine._stop_serving()  # frees the worker for one more task in the same process
+        engine.stop_serving()  # frees the worker for one more task in the same process
         reports = [engine._pool.submit(blas_report).result() for _ in range(4)]
     finally:
         engine.close(kill=True)
@@ -260,28 +287,47 @@ def test_workers_run_with_the_requested_blas_threads(blas_threads):
 # ----------------------------------------------------------------------------- shared memory
 
 
-def test_close_unlinks_shared_memory_and_privatises_params():
-    """After close: no segment of ours left, workers gone, params private with their values."""
+def test_close_unlinks_shared_memory_and_never_touches_the_model_arrays():
+    """The engine copies params into its own segment: model.params, model.buffers and views
+    of them are the same private arrays before, during and after the engine's life."""
     model = zoo.mlp(dims=(64, 32, 10), batchnorm=True)
     X, y = make_data(model, 32)
+    params, buffers = model.params, model.buffers
+    view = model.named_params()["dense1.W"]
     before = shm_segments(os.getpid())  # ours only: other processes may use partrain too
-    engine = LokyEngine(model, chunk_size=8, n_jobs=2, batch_size=32)
+    engine = LokyEngine(model, chunk_size=8, n_processes=2, batch_size=32)
     engine.bind(X, y)
     engine.gradient(np.arange(32), STEP_KEY, np.empty_like(model.params))
     assert shm_segments(os.getpid()) - before, "the engine should use shared memory"
-    shared_params = model.params
-    model.params[...] += 1.0  # a master-side update, like the optimizer's
-    values, buffers = model.params.copy(), model.buffers.copy()
+    assert model.params is params and model.buffers is buffers
+    assert params.flags.owndata and buffers.flags.owndata
     pids = engine.worker_pids()
+    assert len(pids) == 1
     engine.close()
     engine.close()  # idempotent
     assert shm_segments(os.getpid()) - before == set()
     assert wait_gone(pids) == []
-    for array, expected in ((model.params, values), (model.buffers, buffers)):
-        assert array.flags.owndata and array.flags.writeable
-        np.testing.assert_array_equal(array, expected)
-    assert not np.shares_memory(model.params, shared_params)
-    model.params[...] = 0.0  # writable private memory: no crash, no effect on a dead segment
+    assert model.params is params and model.buffers is buffers
+    view[...] += 1.0  # still a live view of the model's own memory
+    np.testing.assert_array_equal(model.named_params()["dense1.W"], view)
+
+
+def test_the_workers_see_each_step_s_parameters():
+    """An in-place update between steps (the optimizer's) reaches the workers: the engine
+    copies the parameters at every step, so no worker computes with stale values."""
+    model = zoo.mlp(dims=(64, 32, 10), seed=2)
+    X, y = make_data(model, 32)
+    engine = LokyEngine(model, chunk_size=8, n_processes=2, batch_size=32)
+    out = np.empty_like(model.params)
+    try:
+        engine.bind(X, y)
+        engine.gradient(np.arange(32), STEP_KEY, out)
+        model.params[...] *= 0.5
+        engine.gradient(np.arange(32), STEP_KEY, out)
+    finally:
+        engine.close(kill=True)
+    expected, _, _ = serial_gradient(model, X, y, np.arange(32), chunk_size=8)
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_interrupt_during_a_step_still_stops_every_worker(monkeypatch):
@@ -290,7 +336,7 @@ def test_interrupt_during_a_step_still_stops_every_worker(monkeypatch):
     it at exit)."""
     model = zoo.mlp(dims=(64, 32, 10))
     X, y = make_data(model, 40)
-    engine = LokyEngine(model, chunk_size=10, n_jobs=2, batch_size=40)
+    engine = LokyEngine(model, chunk_size=10, n_processes=2, batch_size=40)
     out = np.empty_like(model.params)
     engine.bind(X, y)
     engine.gradient(np.arange(40), STEP_KEY, out)
@@ -300,7 +346,7 @@ def test_interrupt_during_a_step_still_stops_every_worker(monkeypatch):
         time.sleep(0.05)  # the worker is busy with its group by now
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(parallel, "compute_group", interrupted)  # the master's copy only
+    monkeypatch.setattr(loky_engine, "compute_group", interrupted)  # the master's copy only
     try:
         with pytest.raises(KeyboardInterrupt):
             engine.gradient(np.arange(40), (*STEP_KEY, 1), out)
@@ -321,7 +367,7 @@ from partrain import zoo
 from partrain.parallel import LokyEngine
 model = zoo.mlp(dims=(64, 32, 10))
 X = np.random.default_rng(0).random((40, 64)).astype(model.dtype)
-engine = LokyEngine(model, chunk_size=10, n_jobs=3, batch_size=40)
+engine = LokyEngine(model, chunk_size=10, n_processes=3, batch_size=40)
 engine.bind(X, np.zeros(40, dtype=np.int64))
 engine.gradient(np.arange(40), (0, 0), np.empty_like(model.params))
 print(*engine.worker_pids(), flush=True)
