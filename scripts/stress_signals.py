@@ -43,8 +43,8 @@ def mnist_npz(mnist_dir: Path, n_train: int, folder: Path) -> str:
     images, labels = load_idx_pair(mnist_dir / "t10k-images-idx3-ubyte.gz",
                                    mnist_dir / "t10k-labels-idx1-ubyte.gz")
     path = folder / "mnist8k.npz"
-    np.savez(path, x_train=images[:n_train, ..., None], y_train=labels[:n_train],
-             x_test=images[n_train:, ..., None], y_test=labels[n_train:])
+    np.savez(path, x_train=images[:n_train], y_train=labels[:n_train],
+             x_test=images[n_train:], y_test=labels[n_train:])
     return f"npz:{path}"
 
 
