@@ -3,14 +3,26 @@
 Each configuration (model, batch size, n_jobs) runs full training steps (fan-out, chunk
 forward/backward, ordered reduction, Adam on the master) on synthetic data of the model's
 input shape, after a warm-up, in several timed windows; speedup and efficiency are taken
-against n_jobs=1 measured in the same run. With the Dask backend, the local backend is timed
-at the same configurations too, so the table shows Dask's extra cost per step beside it.
+against n_jobs=1 measured in the same run. Beside each partrain row:
+
+- a **ceiling** row: n independent processes computing the same chunks as n partrain
+  processes would, with no coordination, timed together. partrain / ceiling is the *engine
+  efficiency*: what the engine loses, apart from what the machine loses when n processes
+  share its caches and memory bandwidth;
+- with `compare_torch`, PyTorch as its users would run it: default and tuned at 1..cores
+  threads, and DDP with n single-thread processes (`partrain.torch_baselines`);
+- with the Dask backend, the local backend at the same configurations.
+
+Strong scaling keeps the batch fixed; weak scaling gives each process `batch_size` examples
+(the batch grows with n). Every report records the BLAS kernels that ran and warns when the
+machine was busy or a kernel was forced through the environment.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -24,11 +36,18 @@ from pathlib import Path
 import numpy as np
 
 from . import zoo
+from .chunks import compute_chunk, default_chunk_size, keep_freed_memory, step_groups
 from .optim import Adam
-from .parallel import ParallelismWarning, resolve_n_jobs
+from .parallel import ParallelismWarning, plan_processes, resolve_n_jobs
+from .torch_baselines import time_torch, time_torch_ddp, torch_unavailable_reason
 from .trainer import Trainer
 
 SYNTHETIC_EXAMPLES = 2048
+# Environment variables that make a BLAS (or PyTorch) pick other kernels than the CPU's best.
+KERNEL_ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "MKL_ENABLE_INSTRUCTIONS",
+                   "MKL_DEBUG_CPU_TYPE", "ATEN_CPU_CAPABILITY", "NPY_DISABLE_CPU_FEATURES")
+BUSY_LOAD = 0.5  # 1-minute load average above which timings are not trustworthy
+SCALINGS = ("strong", "weak")
 
 
 @dataclass
@@ -36,18 +55,20 @@ class BenchRow:
     """One measured configuration; `windows` holds the examples/s of every timed window."""
 
     model: str
-    batch_size: int
+    batch_size: int  # examples per step (weak scaling: n_jobs x the per-process batch)
     n_jobs: int
     dtype: str
-    engine: str
+    engine: str  # partrain[-loky|-dask], ceiling, torch, torch-tuned, torch-ddp
     threads: int
     processes: int  # processes that computed each step: fewer than n_jobs when chunks lack
     chunk_size: int
     examples_per_s: float
     examples_per_s_min: float
     examples_per_s_max: float
+    scaling: str = "strong"
     speedup: float | None = None
     efficiency: float | None = None
+    engine_efficiency: float | None = None  # partrain / ceiling at the same configuration
     gflops: float | None = None
     step_ms: float | None = None
     compute_ms: float | None = None  # busiest worker's compute per step (critical path)
@@ -64,7 +85,7 @@ class BenchRow:
 
 
 def machine_info() -> dict:
-    """CPU, cores, NumPy and BLAS versions: what a reader needs to compare figures."""
+    """CPU, cores, NumPy, the BLAS kernels in use, forcing variables and the load now."""
     from threadpoolctl import threadpool_info
 
     cpu = platform.processor() or platform.machine()
@@ -73,10 +94,27 @@ def machine_info() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    blas = [{k: pool.get(k) for k in ("internal_api", "version", "num_threads")}
+    blas = [{k: pool.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
             for pool in threadpool_info() if pool.get("user_api") == "blas"]
+    forced = {var: os.environ[var] for var in KERNEL_ENV_VARS if var in os.environ}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "blas": blas, "platform": platform.platform()}
+            "numpy": np.__version__, "blas": blas, "forced_kernels": forced,
+            "load_average": load, "platform": platform.platform()}
+
+
+def machine_warnings(machine: dict) -> list[str]:
+    """Why the figures of this machine may not be what a user's machine would give."""
+    notes = []
+    if machine["load_average"] is not None and machine["load_average"] > BUSY_LOAD:
+        notes.append(f"the machine was busy: load average {machine['load_average']:.2f} before "
+                     f"the run (> {BUSY_LOAD}); timings are unreliable")
+    if machine["forced_kernels"]:
+        forced = " ".join(f"{k}={v}" for k, v in machine["forced_kernels"].items())
+        unset = " ".join(f"-u {k}" for k in machine["forced_kernels"])
+        notes.append(f"kernels forced by the environment ({forced}); for the kernels this CPU "
+                     f"would pick, run with `env {unset} partrain bench ...`")
+    return notes
 
 
 def matmul_peak_gflops(dtype="float32", n: int = 1024, repeats: int = 5) -> float:
@@ -116,7 +154,7 @@ def _peak_rss_mb(pid: int | None = None) -> tuple[float, float]:
     return peak, private
 
 
-# ----------------------------------------------------------------------------- partrain
+# ----------------------------------------------------------------------------- timing
 
 
 def _windows(step, batch_size: int, duration: float, warmup: float, repeats: int) -> list[float]:
@@ -138,15 +176,19 @@ def _windows(step, batch_size: int, duration: float, warmup: float, repeats: int
     return rates
 
 
+def _synthetic(model, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    X = rng.random((n, *model.input_shape)).astype(model.dtype)
+    return X, rng.integers(0, model.n_classes, n)
+
+
 def bench_partrain(model_name: str, batch_size: int, n_jobs: int, dtype: str = "float32",
                    repeats: int = 5, duration: float = 3.0, warmup: float = 1.0,
                    chunk_size: int | None = None, backend: str = "loky",
                    scheduler=None) -> BenchRow:
     """Time full training steps of one configuration (`scheduler`: see `Trainer`)."""
     model = zoo.get(model_name, dtype=dtype)
-    rng = np.random.default_rng(0)
-    X = rng.random((max(SYNTHETIC_EXAMPLES, batch_size), *model.input_shape)).astype(dtype)
-    y = rng.integers(0, model.n_classes, len(X))
+    X, y = _synthetic(model, max(SYNTHETIC_EXAMPLES, batch_size))
     with warnings.catch_warnings():  # a clamped n_jobs is marked in the table instead
         warnings.simplefilter("ignore", ParallelismWarning)
         trainer = Trainer(model, Adam(1e-4), n_jobs=n_jobs, batch_size=batch_size,
@@ -166,7 +208,7 @@ def bench_partrain(model_name: str, batch_size: int, n_jobs: int, dtype: str = "
 
     with trainer, trainer.session(X, y):
         rates = _windows(step, batch_size, duration, warmup, repeats)
-        workers = [_peak_rss_mb(pid) for pid in getattr(trainer.engine, "worker_pids", list)()]
+        workers = [_peak_rss_mb(pid) for pid in trainer.engine.worker_pids()]
         moved = getattr(trainer.engine, "last_bytes", None)
     recent = timings[len(timings) // 2:]  # steady state
     step_s = statistics.median(t for t, _ in recent)
@@ -178,8 +220,7 @@ def bench_partrain(model_name: str, batch_size: int, n_jobs: int, dtype: str = "
         model=model_name, batch_size=batch_size, n_jobs=n_jobs, dtype=dtype,
         engine=f"partrain-{backend}" if n_jobs > 1 or backend != "loky" else "partrain",
         threads=n_jobs, processes=trainer.plan.processes, chunk_size=trainer.chunk_size,
-        examples_per_s=median,
-        examples_per_s_min=min(rates), examples_per_s_max=max(rates),
+        examples_per_s=median, examples_per_s_min=min(rates), examples_per_s_max=max(rates),
         gflops=median * model.flops_per_example() / 1e9, step_ms=1e3 * step_s,
         compute_ms=1e3 * compute_s, engine_ms=1e3 * (run_s - compute_s + reduce_s),
         optimizer_ms=1e3 * max(step_s - run_s - reduce_s, 0.0),
@@ -189,69 +230,94 @@ def bench_partrain(model_name: str, batch_size: int, n_jobs: int, dtype: str = "
         windows=rates)
 
 
+# ----------------------------------------------------------------------------- the ceiling
+
+
+def _ceiling_process(model_name: str, dtype: str, batch_size: int, chunk_size: int,
+                     n_processes: int, rank: int, repeats: int, duration: float,
+                     warmup: float, barrier, queue) -> None:
+    """One ceiling process: compute rank `rank`'s group of chunks over and over, alone."""
+    keep_freed_memory()
+    model = zoo.get(model_name, dtype=dtype)
+    X, y = _synthetic(model, batch_size, seed=rank)
+    group = step_groups(batch_size, chunk_size, n_processes)[rank]
+    batch_idx, grad = np.arange(batch_size), np.empty_like(model.params)
+    n_examples = sum(stop - start for _, (start, stop) in group)
+
+    def step():
+        for k, bounds in group:
+            compute_chunk(model, model.params, X, y, batch_idx, k, bounds, (0, 1, 0, 0), grad,
+                          None)
+
+    barrier.wait()  # everyone starts together, so the windows overlap
+    rates = _windows(step, n_examples, duration, warmup, repeats)
+    queue.put((rank, [n_examples / rate for rate in rates]))  # seconds per step, per window
+
+
+def bench_ceiling(model_name: str, batch_size: int, n_jobs: int, dtype: str = "float32",
+                  repeats: int = 5, duration: float = 3.0, warmup: float = 1.0,
+                  chunk_size: int | None = None) -> BenchRow:
+    """The machine's ceiling for partrain at `n_jobs`: its processes' chunk groups computed
+    by independent processes (one BLAS thread each) at the same time, with no engine, no
+    reduction and no optimizer; examples/s = batch / the slowest process's step time."""
+    model = zoo.get(model_name, dtype=dtype)
+    chunk_size = min(chunk_size or default_chunk_size(model, batch_size), batch_size)
+    processes = plan_processes(n_jobs, batch_size, chunk_size).processes
+    context = multiprocessing.get_context("spawn")
+    barrier, queue = context.Barrier(processes), context.SimpleQueue()
+    blas = {var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                 "MKL_NUM_THREADS")}
+    os.environ.update({var: "1" for var in blas})  # the children inherit it at start
+    try:
+        procs = [context.Process(target=_ceiling_process, daemon=True, args=(
+            model_name, dtype, batch_size, chunk_size, processes, rank, repeats, duration,
+            warmup, barrier, queue)) for rank in range(processes)]
+        for proc in procs:
+            proc.start()
+        step_times = dict(queue.get() for _ in procs)
+        for proc in procs:
+            proc.join()
+    finally:
+        for var, value in blas.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+    rates = [batch_size / max(step_times[r][w] for r in step_times) for w in range(repeats)]
+    return BenchRow(model=model_name, batch_size=batch_size, n_jobs=n_jobs, dtype=dtype,
+                    engine="ceiling", threads=processes, processes=processes,
+                    chunk_size=chunk_size, examples_per_s=statistics.median(rates),
+                    examples_per_s_min=min(rates), examples_per_s_max=max(rates),
+                    windows=rates)
+
+
 # ----------------------------------------------------------------------------- PyTorch
 
 
-def torch_unavailable_reason() -> str | None:
-    """None if PyTorch can be imported, else why the comparison is skipped."""
-    try:
-        import torch  # noqa: F401
-    except ImportError as exc:
-        return (f"PyTorch is not installed ({exc}); pip install \"partrain[compare]\" "
-                "to compare")
-    return None
+def bench_torch(model_name: str, batch_size: int, threads: int, config: str = "default",
+                repeats: int = 5, duration: float = 3.0, warmup: float = 1.0) -> BenchRow:
+    """Time PyTorch's training step (float32, Adam): config "default", "tuned" or "ddp"
+    (then `threads` is the number of single-thread processes)."""
+    if config == "ddp":
+        rates = time_torch_ddp(model_name, batch_size, threads, repeats, duration, warmup)
+    else:
+        rates = time_torch(model_name, batch_size, threads, config == "tuned",
+                           lambda step, b: _windows(step, b, duration, warmup, repeats))
+    engine = "torch" if config == "default" else f"torch-{config}"
+    return BenchRow(model=model_name, batch_size=batch_size,
+                    n_jobs=threads if config == "ddp" else 1, dtype="float32", engine=engine,
+                    threads=threads, processes=threads if config == "ddp" else 1,
+                    chunk_size=batch_size, examples_per_s=statistics.median(rates),
+                    examples_per_s_min=min(rates), examples_per_s_max=max(rates),
+                    windows=rates)
 
 
-def torch_network(model_name: str):
-    """The same reference network in PyTorch (NCHW, as PyTorch runs it natively)."""
-    from torch import nn
-
-    nets = {
-        "signs-cnn": lambda: nn.Sequential(nn.Conv2d(3, 10, 3, stride=2, padding=2), nn.ReLU(),
-                                           nn.MaxPool2d(2, stride=1), nn.Flatten(),
-                                           nn.Linear(10240, 6)),
-        "mnist-cnn": lambda: nn.Sequential(nn.Conv2d(1, 8, 5), nn.ReLU(), nn.Conv2d(8, 8, 5),
-                                           nn.ReLU(), nn.MaxPool2d(2, 2), nn.Flatten(),
-                                           nn.Linear(800, 128), nn.ReLU(), nn.Linear(128, 10)),
-        "mlp": lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 100), nn.ReLU(),
-                                     nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10)),
-        "digits-cnn": lambda: nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-                                            nn.MaxPool2d(2, 2), nn.Flatten(), nn.Linear(256, 10)),
-    }
-    return nets[model_name]()
-
-
-def bench_torch(model_name: str, batch_size: int, threads: int, repeats: int = 5,
-                duration: float = 3.0, warmup: float = 1.0) -> BenchRow:
-    """Time PyTorch's training step (float32, Adam) of the same network and batch size."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.manual_seed(0)
-        net = torch_network(model_name)
-        shape = zoo.get(model_name).input_shape
-        x = torch.rand(batch_size, *shape)
-        if x.dim() == 4:
-            x = x.permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
-        y = torch.randint(0, zoo.get(model_name).n_classes, (batch_size,))
-        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-        loss_fn = torch.nn.CrossEntropyLoss()
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            loss_fn(net(x), y).backward()
-            opt.step()
-
-        rates = _windows(step, batch_size, duration, warmup, repeats)
-    finally:
-        torch.set_num_threads(previous)
-    median = statistics.median(rates)
-    return BenchRow(model=model_name, batch_size=batch_size, n_jobs=1, dtype="float32",
-                    engine="torch", threads=threads, processes=1, chunk_size=batch_size,
-                    examples_per_s=median, examples_per_s_min=min(rates),
-                    examples_per_s_max=max(rates), windows=rates)
+def torch_configs(n_jobs: list[int]) -> list[tuple[str, int]]:
+    """(config, threads or processes) of every PyTorch baseline: default and tuned at
+    1..cores threads, DDP at every n_jobs above 1."""
+    threads = range(1, (os.cpu_count() or 1) + 1)
+    return [(c, t) for c in ("default", "tuned") for t in threads] + \
+        [("ddp", n) for n in sorted(set(n_jobs)) if n > 1]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -260,14 +326,19 @@ def bench_torch(model_name: str, batch_size: int, threads: int, repeats: int = 5
 def run_bench(models: list[str], batch_sizes: list[int], n_jobs: list[int],
               dtype: str = "float32", repeats: int = 5, duration: float = 3.0,
               warmup: float = 1.0, compare_torch: bool = False, chunk_size: int | None = None,
-              backend: str = "loky", scheduler=None, progress: bool = True) -> dict:
-    """Measure every (model, batch size, n_jobs) and optionally PyTorch; return a report dict.
+              backend: str = "loky", scheduler=None, progress: bool = True,
+              scaling: tuple[str, ...] = ("strong",), ceiling: bool = True) -> dict:
+    """Measure every (model, batch size, n_jobs), their ceilings, optionally PyTorch; return
+    a report dict.
 
-    backend="dask" times the local (loky) backend at the same configurations first, as the
-    reference for Dask's overhead; `scheduler` is the Dask cluster (see `Trainer`).
+    `scaling` "strong" keeps each batch size; "weak" runs batch size x n_jobs (the batch
+    sizes are then per process). backend="dask" times the local (loky) backend at the same
+    configurations first, as the reference for Dask's overhead; `scheduler` is the Dask
+    cluster (see `Trainer`).
 
-    The report holds `machine`, `matmul_peak_gflops_per_core`, `rows` (dicts of `BenchRow`),
-    and `torch_skipped` (the reason, when a requested comparison could not run).
+    The report holds `machine` (taken before the run, with its load), `warnings`,
+    `matmul_peak_gflops_per_core`, `settings`, `rows` (dicts of `BenchRow`) and
+    `torch_skipped` (the reason, when a requested comparison could not run).
     """
     for name in models:
         zoo.get(name)  # validates the name
@@ -275,56 +346,79 @@ def run_bench(models: list[str], batch_sizes: list[int], n_jobs: list[int],
         raise ValueError(f"`batch_size` values must be integers >= 1, got {batch_sizes}.")
     if not n_jobs:
         raise ValueError("`n_jobs` needs at least one value, got none.")
-    n_jobs = [resolve_n_jobs(j) for j in n_jobs]  # -1 = all cores, as everywhere
+    n_jobs = sorted({resolve_n_jobs(j) for j in n_jobs})  # -1 = all cores, as everywhere
     if repeats < 1 or duration <= 0 or warmup < 0:
         raise ValueError("`repeats` must be >= 1, `duration` > 0 and `warmup` >= 0, got "
                          f"{repeats}, {duration}, {warmup}.")
+    if not scaling or set(scaling) - set(SCALINGS):
+        raise ValueError(f"Invalid scaling: {scaling!r}, expected some of {list(SCALINGS)}.")
+    machine = machine_info()  # before anything runs: the load average of the machine as found
     skipped = torch_unavailable_reason() if compare_torch else None
-    torch_threads = sorted({1, os.cpu_count() or 1})
     backends = ["loky"] if backend == "loky" else ["loky", backend]
-    configs = [(m, b, j, be) for m in models for b in batch_sizes for be in backends
-               for j in sorted(set(n_jobs))]
-    n_torch = len(models) * len(batch_sizes) * len(torch_threads) if compare_torch and not \
-        skipped else 0
+    jobs = [(kind, m, b, j, be) for kind in SCALINGS if kind in scaling for m in models
+            for b in batch_sizes for be in backends for j in n_jobs]
+    if ceiling:
+        jobs += [("ceiling", m, b, j, kind) for kind in SCALINGS if kind in scaling
+                 for m in models for b in batch_sizes for j in n_jobs]
+    if compare_torch and not skipped:
+        jobs += [("torch", m, b, t, config) for m in models for b in batch_sizes
+                 for config, t in torch_configs(n_jobs)]
     from tqdm.auto import tqdm
 
     rows = []
-    with tqdm(total=len(configs) + n_torch, desc="bench", disable=not progress,
-              file=sys.stderr) as bar:
-        for m, b, j, be in configs:
-            bar.set_postfix_str(f"{m} batch {b} {be} n_jobs {j}")
-            rows.append(bench_partrain(m, b, j, dtype, repeats, duration, warmup, chunk_size,
-                                       be, scheduler if be == "dask" else None))
+    with tqdm(total=len(jobs), desc="bench", disable=not progress, file=sys.stderr) as bar:
+        for kind, m, b, j, variant in jobs:
+            bar.set_postfix_str(f"{kind} {m} batch {b} {variant} {j}")
+            rows.append(_measure(kind, m, b, j, variant, dtype, repeats, duration, warmup,
+                                 chunk_size, scheduler))
             bar.update()
-        if n_torch:
-            for m in models:
-                for b in batch_sizes:
-                    for threads in torch_threads:
-                        bar.set_postfix_str(f"torch {m} batch {b} threads {threads}")
-                        rows.append(bench_torch(m, b, threads, repeats, duration, warmup))
-                        bar.update()
     _add_ratios(rows)
-    return {"machine": machine_info(), "matmul_peak_gflops_per_core": matmul_peak_gflops(dtype),
+    return {"machine": machine, "warnings": machine_warnings(machine),
+            "matmul_peak_gflops_per_core": matmul_peak_gflops(dtype),
             "settings": {"repeats": repeats, "duration_s": duration, "warmup_s": warmup,
-                         "dtype": dtype, "backend": backend},
+                         "dtype": dtype, "backend": backend, "scaling": list(scaling)},
             "torch_skipped": skipped, "rows": [asdict(r) for r in rows]}
 
 
+def _measure(kind, model, batch, n, variant, dtype, repeats, duration, warmup, chunk_size,
+             scheduler) -> BenchRow:
+    """One row of the plan built by `run_bench`."""
+    if kind == "torch":
+        return bench_torch(model, batch, n, variant, repeats, duration, warmup)
+    scaling = variant if kind == "ceiling" else kind
+    global_batch = batch * n if scaling == "weak" else batch
+    if kind == "ceiling":
+        row = bench_ceiling(model, global_batch, n, dtype, repeats, duration, warmup,
+                            chunk_size)
+    else:
+        row = bench_partrain(model, global_batch, n, dtype, repeats, duration, warmup,
+                             chunk_size, variant, scheduler if variant == "dask" else None)
+    row.scaling = scaling
+    return row
+
+
 def _add_ratios(rows: list[BenchRow]) -> None:
-    """Speedup and efficiency against partrain's n_jobs=1 for the same model and batch size:
-    the in-process run when measured, else the backend's own n_jobs=1 run. None for rows
-    whose steps had fewer chunks than n_jobs: fewer processes computed than the row says."""
+    """Speedup and efficiency against partrain's n_jobs=1 for the same model and batch size
+    (weak scaling: the same per-process batch), the in-process run when measured, else the
+    backend's own n_jobs=1 run; None for rows whose steps had fewer chunks than n_jobs (fewer
+    processes computed than the row says). Engine efficiency against the ceiling row."""
+    def per_process(r: BenchRow) -> int:
+        return r.batch_size // r.n_jobs if r.scaling == "weak" else r.batch_size
+
+    partrain = [r for r in rows if r.engine.startswith("partrain")]
     base = {}
-    for r in sorted((r for r in rows if r.n_jobs == 1 and r.engine != "torch"),
-                    key=lambda r: r.engine != "partrain"):  # in-process first
-        base.setdefault((r.model, r.batch_size), r.examples_per_s)
-    for r in rows:
-        if r.engine == "torch":
-            continue
-        ref = base.get((r.model, r.batch_size))
+    for r in sorted((r for r in partrain if r.n_jobs == 1), key=lambda r: r.engine != "partrain"):
+        base.setdefault((r.model, per_process(r), r.scaling), r.examples_per_s)
+    ceilings = {(r.model, r.batch_size, r.n_jobs, r.scaling): r.examples_per_s
+                for r in rows if r.engine == "ceiling"}
+    for r in partrain:
+        ref = base.get((r.model, per_process(r), r.scaling))
         if ref and r.processes == r.n_jobs:  # else n_jobs was clamped: no speedup to claim
             r.speedup = r.examples_per_s / ref
             r.efficiency = r.speedup / r.n_jobs
+        top = ceilings.get((r.model, r.batch_size, r.n_jobs, r.scaling))
+        if top and r.engine in ("partrain", "partrain-loky"):
+            r.engine_efficiency = r.examples_per_s / top
 
 
 # ----------------------------------------------------------------------------- output
@@ -332,25 +426,29 @@ def _add_ratios(rows: list[BenchRow]) -> None:
 
 def format_table(report: dict) -> str:
     """The terminal table: one line per configuration, then partrain-vs-torch ratios."""
-    head = (f"{'model':<11}{'batch':>6}{'engine':>16}{'jobs':>5}  {'examples/s [min-max]':<26}"
-            f"{'speedup':>8}{'eff.':>6}{'GFLOP/s':>9}{'step ms':>9}{'compute':>9}"
-            f"{'engine':>8}{'adam':>7}")
-    lines = [head, "-" * len(head)]
+    head = (f"{'model':<11}{'batch':>6}{'scaling':>8}{'engine':>18}{'jobs':>5}  "
+            f"{'examples/s [min-max]':<26}{'speedup':>8}{'eff.':>6}{'vs ceil':>8}"
+            f"{'GFLOP/s':>9}{'step ms':>9}{'compute':>9}{'engine':>8}{'adam':>7}")
+    lines = [f"WARNING: {note}" for note in report.get("warnings", [])]
+    lines += [head, "-" * len(head)]
     for r in report["rows"]:
         rate = (f"{r['examples_per_s']:>9,.0f} [{r['examples_per_s_min']:,.0f}-"
                 f"{r['examples_per_s_max']:,.0f}]")
-        engine = r["engine"] if r["engine"] != "torch" else f"torch {r['threads']}thr"
-        clamped = r["processes"] < r["n_jobs"]
-        jobs = f"{r['n_jobs']}*" if clamped else str(r["n_jobs"])
+        engine = r["engine"]
+        if engine in ("torch", "torch-tuned"):
+            engine = f"{engine} {r['threads']}thr"
+        jobs = f"{r['n_jobs']}*" if r["processes"] < r["n_jobs"] else str(r["n_jobs"])
         lines.append(
-            f"{r['model']:<11}{r['batch_size']:>6}{engine:>16}{jobs:>5}  {rate:<26}"
-            f"{_fmt(r['speedup'], '.2f')}{_fmt(r['efficiency'], '.2f', 6)}"
+            f"{r['model']:<11}{r['batch_size']:>6}{r['scaling']:>8}{engine:>18}{jobs:>5}  "
+            f"{rate:<26}{_fmt(r['speedup'], '.2f')}{_fmt(r['efficiency'], '.2f', 6)}"
+            f"{_fmt(r['engine_efficiency'], '.2f')}"
             f"{_fmt(r['gflops'], '.1f', 9)}{_fmt(r['step_ms'], '.2f', 9)}"
             f"{_fmt(r['compute_ms'], '.2f', 9)}{_fmt(r['engine_ms'], '.2f')}"
             f"{_fmt(r['optimizer_ms'], '.2f', 7)}")
     lines.append(f"matmul peak (1 thread, {report['settings']['dtype']}): "
                  f"{report['matmul_peak_gflops_per_core']:.1f} GFLOP/s per core; "
                  f"{report['machine']['cpu']}, {report['machine']['cores']} cores")
+    lines.append(_kernel_line(report["machine"]))
     clamped = sorted({(r["n_jobs"], r["processes"]) for r in report["rows"]
                       if r["processes"] < r["n_jobs"]})
     for n_jobs, processes in clamped:
@@ -359,6 +457,16 @@ def format_table(report: dict) -> str:
     lines += _dask_overhead_lines(report)
     lines += _torch_ratio_lines(report)
     return "\n".join(lines)
+
+
+def _kernel_line(machine: dict) -> str:
+    """Which BLAS kernels ran, and whether the environment forced them."""
+    blas = "; ".join(f"{b['internal_api']} {b['version']} {b['architecture']} kernels, "
+                     f"{b['num_threads']} threads max" for b in machine["blas"]) or "no BLAS"
+    forced = " ".join(f"{k}={v}" for k, v in machine["forced_kernels"].items())
+    load = machine["load_average"]
+    return (f"BLAS: {blas}; forced by the environment: {forced or 'nothing'}; load average "
+            f"before the run: {'-' if load is None else f'{load:.2f}'}")
 
 
 def _dask_overhead_lines(report: dict) -> list[str]:
@@ -381,22 +489,34 @@ def _fmt(value, spec: str, width: int = 8) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
 
+def _describe(r: dict) -> str:
+    if r["engine"] == "torch-ddp":
+        return f"torch DDP {r['threads']}x1 thread"
+    if r["engine"].startswith("torch"):
+        kind = "tuned" if r["engine"] == "torch-tuned" else "default"
+        return f"torch {kind}, {r['threads']} thread{'s' * (r['threads'] > 1)}"
+    return f"partrain n_jobs={r['n_jobs']}"
+
+
 def _torch_ratio_lines(report: dict) -> list[str]:
+    """Best partrain against the best of every PyTorch configuration, per model and batch."""
     if report["torch_skipped"]:
         return [f"torch comparison skipped: {report['torch_skipped']}"]
     best: dict = {}
     for r in report["rows"]:
-        key = (r["model"], r["batch_size"], r["engine"] == "torch")
-        if r["examples_per_s"] > best.get(key, (0,))[0]:
-            best[key] = (r["examples_per_s"], r["n_jobs"], r["threads"])
+        if r["scaling"] != "strong" or r["engine"] in ("ceiling", "partrain-dask"):
+            continue
+        key = (r["model"], r["batch_size"], r["engine"].startswith("torch"))
+        if r["examples_per_s"] > best.get(key, {"examples_per_s": 0})["examples_per_s"]:
+            best[key] = r
     lines = []
-    for (model, batch, is_torch), (rate, jobs, _) in sorted(best.items()):
-        if not is_torch and (model, batch, True) in best:
-            t_rate, _, t_threads = best[(model, batch, True)]
-            threads = f"{t_threads} thread{'s' if t_threads > 1 else ''}"
-            lines.append(f"{model} batch {batch}: best partrain (n_jobs={jobs}) {rate:,.0f} ex/s"
-                         f" vs best torch ({threads}) {t_rate:,.0f} ex/s -> ratio "
-                         f"{rate / t_rate:.2f}")
+    for (model, batch, is_torch), mine in sorted(best.items()):
+        theirs = best.get((model, batch, True))
+        if not is_torch and theirs:
+            lines.append(f"{model} batch {batch}: best partrain ({_describe(mine)}) "
+                         f"{mine['examples_per_s']:,.0f} ex/s vs best torch ({_describe(theirs)})"
+                         f" {theirs['examples_per_s']:,.0f} ex/s -> ratio "
+                         f"{mine['examples_per_s'] / theirs['examples_per_s']:.2f}")
     return lines
 
 
@@ -405,9 +525,16 @@ def write_json(report: dict, path: str | Path) -> None:
 
 
 def write_csv(report: dict, path: str | Path) -> None:
-    """One row per configuration; lists (windows, worker memory) joined by ';'."""
+    """One row per configuration, with the machine's kernel, forcing and load columns; lists
+    (windows, worker memory) joined by ';'."""
     rows = report["rows"]
-    machine = {f"machine_{k}": v for k, v in report["machine"].items() if k != "blas"}
+    machine = {f"machine_{k}": v for k, v in report["machine"].items()
+               if k not in ("blas", "forced_kernels")}
+    machine["machine_blas"] = " | ".join(
+        f"{b['internal_api']} {b['version']} {b['architecture']} {b['num_threads']}thr"
+        for b in report["machine"]["blas"])
+    machine["machine_forced_kernels"] = " ".join(
+        f"{k}={v}" for k, v in report["machine"]["forced_kernels"].items())
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*rows[0], *machine])
         writer.writeheader()

@@ -228,7 +228,13 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--duration", type=float, default=3.0, help="seconds per window")
     bench.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up")
     bench.add_argument("--compare", choices=["torch"], default=None,
-                       help="also time the same networks in PyTorch")
+                       help="also time PyTorch: default and tuned at 1..cores threads, DDP at "
+                       "each n_jobs above 1")
+    bench.add_argument("--scaling", choices=["strong", "weak", "both"], default="strong",
+                       help="strong: fixed batch; weak: --batch-size per process, the batch "
+                       "grows with n_jobs (default strong)")
+    bench.add_argument("--no-ceiling", dest="ceiling", action="store_false",
+                       help="skip the ceiling rows (independent processes, no engine)")
     bench.add_argument("--backend", choices=["loky", "dask"], default="loky",
                        help="dask: also times the local backend, to show Dask's overhead")
     bench.add_argument("--scheduler", default=None,
@@ -253,7 +259,8 @@ def cmd_bench(args) -> int:
                        args.dtype, args.repeats, args.duration, args.warmup,
                        compare_torch=args.compare == "torch", chunk_size=args.chunk_size,
                        backend=args.backend, scheduler=_scheduler(args),
-                       progress=not args.quiet)
+                       progress=not args.quiet, ceiling=args.ceiling,
+                       scaling=("strong", "weak") if args.scaling == "both" else (args.scaling,))
     print(format_table(report))
     for option, writer in ((args.json, write_json), (args.csv, write_csv),
                            (args.plot, plot_scaling)):

@@ -84,22 +84,31 @@ def _save(fig, plt, path) -> Path:
 
 
 def plot_scaling(report: dict, path: str | Path) -> Path:
-    """examples/s and speedup against n_jobs per model and batch size, with ideal scaling."""
+    """examples/s and speedup against n_jobs per model and batch size, with ideal scaling;
+    strong and weak scaling as separate curves, the machine's ceiling dotted."""
     plt = _pyplot()
-    rows = [r for r in report["rows"] if r["engine"] != "torch"]
+    rows = [r for r in report["rows"]
+            if r["engine"].startswith("partrain") or r["engine"] == "ceiling"]
     fig, (ax_rate, ax_speed) = plt.subplots(1, 2, figsize=(11, 4.2))
     max_jobs = max(r["n_jobs"] for r in rows)
+
     def curve(r: dict) -> tuple:
-        return r["model"], r["batch_size"], r["engine"] == "partrain-dask"
+        per_process = r["batch_size"] // r["n_jobs"] if r["scaling"] == "weak" else \
+            r["batch_size"]
+        return r["model"], per_process, r["scaling"], r["engine"].replace("-loky", "")
 
     for key in sorted({curve(r) for r in rows}):
         sel = sorted((r for r in rows if curve(r) == key), key=lambda r: r["n_jobs"])
         jobs = [r["n_jobs"] for r in sel]
-        label = f"{key[0]}, batch {key[1]}" + (" (dask)" if key[2] else "")
-        ax_rate.errorbar(jobs, [r["examples_per_s"] for r in sel], fmt="o-", label=label,
+        model, batch, scaling, engine = key
+        batch = f"batch {batch}" + (" per process" if scaling == "weak" else "")
+        label = f"{model}, {batch}" + ("" if engine == "partrain" else f" ({engine})")
+        style = ":" if engine == "ceiling" else ("o--" if scaling == "weak" else "o-")
+        ax_rate.errorbar(jobs, [r["examples_per_s"] for r in sel], fmt=style, label=label,
                          yerr=[[r["examples_per_s"] - r["examples_per_s_min"] for r in sel],
                                [r["examples_per_s_max"] - r["examples_per_s"] for r in sel]])
-        ax_speed.plot(jobs, [r["speedup"] or 0 for r in sel], "o-", label=label)
+        if engine != "ceiling":
+            ax_speed.plot(jobs, [r["speedup"] or np.nan for r in sel], style, label=label)
     ax_speed.plot([1, max_jobs], [1, max_jobs], "k--", label="ideal")
     ax_rate.set(xlabel="n_jobs", ylabel="examples/s", yscale="log", title="throughput")
     ax_speed.set(xlabel="n_jobs", ylabel="speedup vs n_jobs=1", title="scaling")

@@ -55,9 +55,10 @@ def main(argv=None) -> int:
     report = {**reports[0], "rows": [row for r in reports for row in r["rows"]]}
     print(format_table(report))
     for row in report["rows"]:
-        if row["n_jobs"] > 1:
+        if row["n_jobs"] > 1 and row["engine"].startswith("partrain") and row["speedup"]:
             print(f"{row['model']} batch {row['batch_size']}: n_jobs={row['n_jobs']} runs "
-                  f"{row['speedup']:.2f}x as fast as n_jobs=1 (efficiency {row['efficiency']:.2f})")
+                  f"{row['speedup']:.2f}x as fast as n_jobs=1 (efficiency {row['efficiency']:.2f}"
+                  f", {row['engine_efficiency']:.2f} of the machine's ceiling)")
     print(f"wall time {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import math
+import os
 import re
 
 import pytest
@@ -31,7 +32,7 @@ def bench_run(tmp_path_factory):
 
 def test_bench_json_rows_and_ratios(bench_run):
     _, _, report = bench_run
-    rows = report["rows"]
+    rows = [r for r in report["rows"] if r["engine"] != "ceiling"]
     assert [(r["model"], r["batch_size"], r["n_jobs"]) for r in rows] == [("mlp", 16, 1),
                                                                           ("mlp", 16, 2)]
     for r in rows:
@@ -53,7 +54,8 @@ def test_bench_claims_no_speedup_for_steps_with_fewer_chunks_than_workers(tmp_pa
     """mlp batch 16 is one chunk per step: the n_jobs=2 row ran in one process, so it has no
     speedup or efficiency, and the table marks it instead of printing a ratio."""
     proc = run_partrain("bench", *TINY, "--repeats", "1", "--duration", "0.05", "--warmup", "0",
-                        "--n-jobs", "1,2", "--json", "c.json", "--quiet", cwd=tmp_path)
+                        "--n-jobs", "1,2", "--no-ceiling", "--json", "c.json", "--quiet",
+                        cwd=tmp_path)
     assert_ok(proc)
     one, two = json.loads((tmp_path / "c.json").read_text())["rows"]
     assert (one["processes"], two["processes"], two["chunk_size"]) == (1, 1, 16)
@@ -66,13 +68,65 @@ def test_bench_claims_no_speedup_for_steps_with_fewer_chunks_than_workers(tmp_pa
 
 
 def test_bench_reports_the_machine(bench_run):
-    _, _, report = bench_run
+    _, proc, report = bench_run
     machine = report["machine"]
-    for key in ("cpu", "cores", "python", "numpy", "blas", "platform"):
+    for key in ("cpu", "cores", "python", "numpy", "blas", "platform", "forced_kernels",
+                "load_average"):
         assert key in machine, key
+    for blas in machine["blas"]:
+        assert {"internal_api", "version", "architecture", "num_threads"} <= set(blas)
+    assert "BLAS: " in proc.stdout and "load average before the run" in proc.stdout
     assert isinstance(machine["cores"], int) and machine["cores"] >= 1
     assert machine["cpu"]
     assert report["matmul_peak_gflops_per_core"] > 0
+
+
+def test_bench_has_a_ceiling_row_per_configuration_and_the_engine_efficiency(bench_run):
+    """One ceiling row per (model, batch, n_jobs): as many processes as partrain used, and
+    engine efficiency = partrain / ceiling for the partrain rows."""
+    _, _, report = bench_run
+    partrain = {r["n_jobs"]: r for r in report["rows"] if r["engine"].startswith("partrain")}
+    ceiling = {r["n_jobs"]: r for r in report["rows"] if r["engine"] == "ceiling"}
+    assert set(ceiling) == set(partrain) == {1, 2}
+    for n, row in partrain.items():
+        assert ceiling[n]["processes"] == row["processes"] == n
+        assert ceiling[n]["examples_per_s"] > 0
+        assert row["engine_efficiency"] == pytest.approx(
+            row["examples_per_s"] / ceiling[n]["examples_per_s"])
+
+
+def test_bench_weak_scaling_grows_the_batch_with_n_jobs(tmp_path):
+    """--scaling weak: batch 8 per process is 8 at n_jobs=1 and 16 at n_jobs=2, chunked so
+    both processes work; the speedup is against n_jobs=1 at the per-process batch."""
+    proc = run_partrain("bench", "--model", "mlp", "--batch-size", "8", "--chunk-size", "8",
+                        "--repeats", "1", "--duration", "0.05", "--warmup", "0", "--n-jobs",
+                        "1,2", "--scaling", "weak", "--json", "w.json", "--quiet", cwd=tmp_path)
+    assert_ok(proc)
+    rows = json.loads((tmp_path / "w.json").read_text())["rows"]
+    partrain = [r for r in rows if r["engine"].startswith("partrain")]
+    assert [(r["batch_size"], r["n_jobs"], r["scaling"]) for r in partrain] == [
+        (8, 1, "weak"), (16, 2, "weak")]
+    one, two = partrain
+    assert two["processes"] == 2
+    assert two["speedup"] == pytest.approx(two["examples_per_s"] / one["examples_per_s"])
+    assert {(r["batch_size"], r["n_jobs"]) for r in rows if r["engine"] == "ceiling"} == {
+        (8, 1), (16, 2)}
+
+
+def test_bench_names_kernels_forced_by_the_environment(tmp_path):
+    """OPENBLAS_CORETYPE set: recorded in the report and the CSV, and the table warns."""
+    env = {**subprocess_env(), "OPENBLAS_CORETYPE": "Haswell"}
+    proc = run_partrain("bench", *TINY, "--repeats", "1", "--duration", "0.05", "--warmup", "0",
+                        "--n-jobs", "1", "--no-ceiling", "--json", "k.json", "--csv", "k.csv",
+                        "--quiet", cwd=tmp_path, env=env)
+    assert_ok(proc)
+    report = json.loads((tmp_path / "k.json").read_text())
+    assert report["machine"]["forced_kernels"]["OPENBLAS_CORETYPE"] == "Haswell"
+    assert any("OPENBLAS_CORETYPE=Haswell" in w for w in report["warnings"])
+    assert "WARNING: kernels forced by the environment (OPENBLAS_CORETYPE=Haswell" in proc.stdout
+    assert [r["engine"] for r in report["rows"]] == ["partrain"]
+    with open(tmp_path / "k.csv", newline="") as f:
+        assert "OPENBLAS_CORETYPE=Haswell" in next(csv.DictReader(f))["machine_forced_kernels"]
 
 
 def test_bench_csv_has_the_same_rows(bench_run):
@@ -86,8 +140,11 @@ def test_bench_csv_has_the_same_rows(bench_run):
         for key in ("batch_size", "n_jobs", "threads"):
             assert int(got[key]) == want[key]
         for key in ("examples_per_s", "examples_per_s_min", "examples_per_s_max", "speedup",
-                    "efficiency"):
-            assert math.isclose(float(got[key]), want[key], rel_tol=1e-9), key
+                    "efficiency", "engine_efficiency"):
+            if want[key] is None:  # ceiling rows have no ratios
+                assert got[key] == "", key
+            else:
+                assert math.isclose(float(got[key]), want[key], rel_tol=1e-9), key
         assert got["machine_cores"] == str(report["machine"]["cores"])
 
 
@@ -102,22 +159,28 @@ def test_bench_prints_the_table_and_writes_the_plot(bench_run):
 
 
 def test_bench_compare_torch(tmp_path):
+    """Default and tuned PyTorch at 1..cores threads, DDP at n_jobs=2, each labelled; the
+    ratio line names the best configuration of all."""
     if importlib.util.find_spec("torch") is None:
         pytest.skip("PyTorch is not installed (pip install 'partrain[compare]')")
     proc = run_partrain("bench", *TINY, "--repeats", "1", "--duration", "0.05", "--warmup", "0",
-                        "--n-jobs", "1", "--compare", "torch", "--json", "t.json", "--quiet",
-                        cwd=tmp_path)
+                        "--n-jobs", "1,2", "--chunk-size", "8", "--no-ceiling", "--compare",
+                        "torch", "--json", "t.json", "--quiet", cwd=tmp_path)
     assert_ok(proc)
     report = json.loads((tmp_path / "t.json").read_text())
     assert report["torch_skipped"] is None
-    torch_rows = [r for r in report["rows"] if r["engine"] == "torch"]
-    assert torch_rows, report["rows"]
+    torch_rows = [r for r in report["rows"] if r["engine"].startswith("torch")]
+    cores = os.cpu_count()
+    expected = {(e, t) for e in ("torch", "torch-tuned") for t in range(1, cores + 1)}
+    assert {(r["engine"], r["threads"]) for r in torch_rows} == expected | {("torch-ddp", 2)}
     for r in torch_rows:
-        assert isinstance(r["threads"], int) and r["threads"] >= 1
         assert r["model"] == "mlp" and r["batch_size"] == 16 and r["examples_per_s"] > 0
         assert r["speedup"] is None  # speedups are partrain's, against partrain n_jobs=1
-    assert 1 in {r["threads"] for r in torch_rows}
-    assert "ratio" in proc.stdout and "torch" in proc.stdout
+    best = max(torch_rows, key=lambda r: r["examples_per_s"])
+    label = {"torch": "torch default", "torch-tuned": "torch tuned",
+             "torch-ddp": "torch DDP"}[best["engine"]]
+    assert re.search(rf"vs best torch \({label}[^)]*\) {best['examples_per_s']:,.0f} ex/s",
+                     proc.stdout), proc.stdout
 
 
 def test_bench_compare_torch_when_torch_is_missing(tmp_path):
@@ -128,7 +191,8 @@ def test_bench_compare_torch_when_torch_is_missing(tmp_path):
     (shim / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None\n")
     env = subprocess_env()
     env["PYTHONPATH"] = f"{shim}:{env['PYTHONPATH']}"
-    proc = run_partrain("bench", *TINY, "--repeats", "1", "--warmup", "0", "--n-jobs", "1",
+    proc = run_partrain("bench", *TINY, "--repeats", "1", "--warmup", "0", "--no-ceiling",
+                        "--n-jobs", "1",
                         "--compare", "torch", "--json", "t.json", "--quiet", cwd=tmp_path,
                         env=env)
     assert_ok(proc)
@@ -147,8 +211,8 @@ def test_bench_dask_backend_is_timed_beside_the_local_backend(tmp_path):
     with its speedup against it, the bytes it moves per step and an overhead line."""
     pytest.importorskip("distributed", reason="--backend dask needs partrain[dask]")
     proc = run_partrain("bench", *TINY, "--repeats", "1", "--duration", "0.05", "--warmup", "0",
-                        "--n-jobs", "1", "--backend", "dask", "--json", "d.json", "--quiet",
-                        cwd=tmp_path)
+                        "--n-jobs", "1", "--backend", "dask", "--no-ceiling", "--json", "d.json",
+                        "--quiet", cwd=tmp_path)
     assert_ok(proc)
     local, dask = json.loads((tmp_path / "d.json").read_text())["rows"]
     assert (local["engine"], dask["engine"]) == ("partrain", "partrain-dask")

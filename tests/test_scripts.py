@@ -151,7 +151,7 @@ def test_bench_scaling_runs(tmp_path):
     out = proc.stdout
     rows = [line.split() for line in out.splitlines()
             if line.startswith(("signs-cnn", "mnist-cnn")) and "partrain" in line]
-    assert [(r[0], r[1], r[3]) for r in rows] == [("signs-cnn", "64", "1"),
+    assert [(r[0], r[1], r[4]) for r in rows] == [("signs-cnn", "64", "1"),
                                                   ("signs-cnn", "64", "2"),
                                                   ("mnist-cnn", "32", "1"),
                                                   ("mnist-cnn", "32", "2")], out
