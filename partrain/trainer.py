@@ -31,6 +31,7 @@ from .optim import (
     schedule_from_config,
 )
 from .parallel import WorkerCrashError, default_chunk_size, make_engine, resolve_n_jobs
+from .runlock import CheckpointClaim
 
 SHUFFLE_STREAM, STEP_STREAM = 0, 1  # first key element: which kind of random draw
 
@@ -80,6 +81,8 @@ class Trainer:
     checkpoint : path, optional
         Where to write checkpoints: every `checkpoint_every` epochs, at the end of `fit`, on
         Ctrl-C/SIGTERM (state of the last completed step) and before a worker-crash error.
+        `fit` claims the path for as long as it runs (`partrain.runlock`): a run in another
+        process, or another Trainer, that names it meanwhile gets a `CheckpointInUseError`.
     backend : "loky" or "dask"
         How chunks reach workers when n_jobs > 1 (or always, for dask).
     blas_threads : int
@@ -92,6 +95,13 @@ class Trainer:
         running.
     backend_options : dict, optional
         Extra engine arguments, e.g. {"step_timeout": 600} for dask.
+
+    Attributes
+    ----------
+    checkpoint_claim : runlock.CheckpointClaim or None
+        The claim on `checkpoint` while `fit` runs. Set it to a claim you already hold on
+        that path (the command line claims it before loading data) and `fit` uses it instead
+        of claiming the path itself; releasing it is then yours.
 
     Examples
     --------
@@ -140,6 +150,7 @@ class Trainer:
         self.step_in_epoch = 0  # steps of `epoch` already applied
         self._partial = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
         self.stop_training = False
+        self.checkpoint_claim: CheckpointClaim | None = None
         self._engine = None
         self._engine_finalizer = None
         self._guard = _InterruptGuard()
@@ -209,7 +220,7 @@ class Trainer:
         self.stop_training = False
         if shuffle is not None:  # None keeps the run's setting (True, or the checkpoint's)
             self._shuffle = bool(shuffle)
-        with self._guard, self._blas_limit():
+        with self._guard, self._checkpoint_claimed(), self._blas_limit():
             try:
                 self.engine.bind(X, y)
                 for cb in callbacks:
@@ -220,6 +231,8 @@ class Trainer:
                         break
                 for cb in callbacks:
                     cb.on_train_end(self)
+                if self.checkpoint is not None:  # inside the guard: a signal here is handled
+                    self.save_checkpoint(self.checkpoint)
             except (KeyboardInterrupt, WorkerCrashError):
                 self.close(kill=True)
                 if self.checkpoint is not None:
@@ -228,8 +241,6 @@ class Trainer:
             except Exception:
                 self.close(kill=True)
                 raise
-        if self.checkpoint is not None:
-            self.save_checkpoint(self.checkpoint)
         return self.history
 
     def _epoch_order(self, n: int, epoch: int) -> np.ndarray:
@@ -323,12 +334,26 @@ class Trainer:
                 "lr_schedule": self.lr_schedule.config(), "base_lr": self.base_lr,
                 "shuffle": self._shuffle}
 
+    @contextlib.contextmanager
+    def _checkpoint_claimed(self):
+        """Hold the claim on `checkpoint` for the block, unless `checkpoint_claim` has it."""
+        claim = self.checkpoint_claim
+        if self.checkpoint is None or (claim is not None and claim.covers(self.checkpoint)):
+            yield
+            return
+        with CheckpointClaim(self.checkpoint) as self.checkpoint_claim:
+            try:
+                yield
+            finally:
+                self.checkpoint_claim = None
+
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
         """Write everything needed to resume bit-for-bit to one `.npz`, atomically.
 
         Holds params, buffers, optimizer state, epoch, step within the epoch, the partial sums
         of an interrupted epoch, history, model, optimizer and trainer config. Random draws are
-        keyed by (seed, epoch, step), so those also fix the RNG position.
+        keyed by (seed, epoch, step), so those also fix the RNG position. A path that another
+        live run has claimed is refused (`runlock.CheckpointInUseError`), not overwritten.
         """
         state = self.optimizer.state_dict()
         arrays = {"params": self.model.params, "buffers": self.model.buffers}
@@ -344,7 +369,10 @@ class Trainer:
             "partial": self._partial,
             "history": self.history.history,
         }
-        return write_npz(path, "checkpoint", meta, arrays)
+        claim = self.checkpoint_claim
+        held = claim is not None and claim.covers(path)
+        with contextlib.nullcontext() if held else CheckpointClaim(path):
+            return write_npz(path, "checkpoint", meta, arrays)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, **overrides) -> Trainer:
