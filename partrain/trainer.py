@@ -8,6 +8,7 @@ alone holds the optimizer state.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import signal
@@ -377,7 +378,31 @@ class Trainer:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, **overrides) -> Trainer:
         """Rebuild model, optimizer and trainer state from a checkpoint; `overrides` set
-        run-time options (n_jobs, progress, checkpoint, backend, ...)."""
+        run-time options (n_jobs, progress, checkpoint, backend, ...).
+
+        Raises
+        ------
+        TypeError
+            A keyword that is not a Trainer argument (checked before the file is read).
+        ValueError
+            An override of what defines the run (model, optimizer, batch_size, chunk_size,
+            seed, lr_schedule), or an invalid override value.
+        FileNotFoundError, FileFormatError
+            No such file, or not a complete partrain checkpoint.
+        """
+        arguments = set(inspect.signature(cls).parameters)
+        unknown = sorted(set(overrides) - arguments)
+        if unknown:
+            raise TypeError(
+                f"from_checkpoint() got unexpected keyword argument(s) {unknown}; the run-time "
+                f"options are {sorted(arguments - _RUN_DEFINING)}."
+            )
+        fixed = sorted(_RUN_DEFINING & set(overrides))
+        if fixed:
+            raise ValueError(
+                f"{fixed} cannot change on resume: they define the run "
+                "(use a fresh Trainer to start a different one)."
+            )
         meta, arrays = read_npz(path, "checkpoint")
         try:
             model = model_from_arrays(meta, arrays, str(path))
@@ -387,25 +412,22 @@ class Trainer:
                  **{k[6:]: v for k, v in arrays.items() if k.startswith("optim.")}},
                 n_params=model.n_params)
             cfg = meta["trainer"]
-            fixed = {"batch_size", "chunk_size", "seed", "lr_schedule"} & set(overrides)
-            if fixed:
-                raise ValueError(
-                    f"{sorted(fixed)} cannot change on resume: they define the run "
-                    "(use a fresh Trainer to start a different one)."
-                )
-            trainer = cls(model, optimizer, batch_size=cfg["batch_size"],
-                          chunk_size=cfg["chunk_size"], seed=cfg["seed"],
-                          lr_schedule=schedule_from_config(cfg["lr_schedule"]), **overrides)
-            trainer.base_lr = cfg["base_lr"]
-            trainer._shuffle = cfg["shuffle"]
-            trainer.epoch, trainer.step_in_epoch = meta["epoch"], meta["step_in_epoch"]
-            trainer._partial = dict(meta["partial"])
-            trainer.history = History(meta["history"])
+            run = {"batch_size": cfg["batch_size"], "chunk_size": cfg["chunk_size"],
+                   "seed": cfg["seed"], "lr_schedule": schedule_from_config(cfg["lr_schedule"])}
+            state = {"base_lr": cfg["base_lr"], "_shuffle": cfg["shuffle"],
+                     "epoch": meta["epoch"], "step_in_epoch": meta["step_in_epoch"],
+                     "_partial": dict(meta["partial"]), "history": History(meta["history"])}
         except (KeyError, TypeError) as exc:
             raise FileFormatError(
                 f"'{path}' is not a complete partrain checkpoint (missing {exc})."
             ) from None
+        trainer = cls(model, optimizer, **run, **overrides)
+        for name, value in state.items():
+            setattr(trainer, name, value)
         return trainer
+
+
+_RUN_DEFINING = {"model", "optimizer", "batch_size", "chunk_size", "seed", "lr_schedule"}
 
 
 def _as_schedule(lr_schedule):

@@ -1,5 +1,6 @@
-"""Checkpoints from Python: one live run per checkpoint path (`partrain.runlock`) (issue 11).
-The command line's side is in test_cli_safety.py."""
+"""Checkpoints from Python: one live run per checkpoint path (`partrain.runlock`), and
+`Trainer.from_checkpoint` errors that say what is wrong (issue 11). The command line's side is
+in test_cli_safety.py."""
 
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from test_cli import subprocess_env
 
 from partrain import Trainer, zoo
 from partrain.data import load_dataset
+from partrain.io import FileFormatError
 from partrain.runlock import CheckpointClaim, CheckpointInUseError, claim_file
 
 
@@ -113,3 +115,33 @@ def test_a_trainer_in_another_process_is_refused(tmp_path):
         holder.communicate()
     assert second.returncode == 1
     assert "CheckpointInUseError" in second.stderr and f"pid {holder.pid}" in second.stderr
+
+
+# ----------------------------------------------------------------------------- from_checkpoint
+
+
+@pytest.fixture
+def checkpoint(tmp_path, data):
+    trainer = make_trainer()
+    trainer.fit(*data, epochs=1)
+    return trainer.save_checkpoint(tmp_path / "ck.npz")
+
+
+def test_an_unknown_keyword_is_a_type_error_naming_it(checkpoint):
+    """Before: FileFormatError "'ck.npz' is not a complete partrain checkpoint (missing
+    Trainer.__init__() got an unexpected keyword argument 'n_job')"."""
+    with pytest.raises(TypeError, match="n_job") as info:
+        Trainer.from_checkpoint(checkpoint, n_job=2)
+    assert "n_jobs" in str(info.value)  # the valid names are listed
+    assert not isinstance(info.value, FileFormatError)
+
+
+def test_keyword_errors_come_before_file_errors(tmp_path, checkpoint):
+    (tmp_path / "bad.npz").write_bytes(b"not a checkpoint")
+    with pytest.raises(TypeError, match="n_job"):
+        Trainer.from_checkpoint(tmp_path / "bad.npz", n_job=2)
+    with pytest.raises(FileFormatError, match="bad.npz"):
+        Trainer.from_checkpoint(tmp_path / "bad.npz", n_jobs=2)
+    with pytest.raises(ValueError, match="model"):
+        Trainer.from_checkpoint(checkpoint, model=zoo.digits_cnn())
+    assert Trainer.from_checkpoint(checkpoint, n_jobs=1, progress=False).epoch == 1
