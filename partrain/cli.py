@@ -25,8 +25,10 @@ import numpy as np
 from . import zoo
 from .callbacks import Callback
 from .data import DATASETS, DataError, load_dataset
-from .io import FileFormatError, output_problem, write_text
-from .model import Sequential
+from .io import FileFormatError, output_problem, read_npz, write_text
+from .layers import BatchNorm, Dropout
+from .model import Sequential, model_from_arrays
+from .optim import optimizer_config
 from .parallel import WorkerCrashError, WorkerError
 from .runlock import CheckpointClaim, CheckpointInUseError
 from .trainer import TrainingInterrupted
@@ -38,8 +40,9 @@ MODEL_DEFAULTS = {
     "mnist-cnn": {"dataset": "mnist", "epochs": 2, "batch_size": 32, "lr": 1e-3},
     "mlp": {"dataset": "mnist", "epochs": 10, "batch_size": 64, "lr": 1e-3, "lr_decay": 0.01},
 }
-RUN_DEFINING = ("model", "optimizer", "lr", "lr_decay", "batch_size", "chunk_size", "seed",
-                "momentum", "dropout", "batchnorm")
+# `train` options that define a run: with --resume, each may only repeat the checkpoint's value
+RUN_DEFINING = ("model", "dataset", "normalize", "optimizer", "lr", "lr_decay", "batch_size",
+                "chunk_size", "seed", "momentum", "dropout", "batchnorm")
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 EXIT_CLOSED_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool killed by SIGPIPE
 
@@ -68,12 +71,27 @@ def _csv(kind):
     return parse
 
 
-def _load_data(args, model: Sequential | None):
-    """The dataset named by --dataset; synthetic data take the model's input and class count."""
-    options = {}
+def _dataset_options(args, model: Sequential | None) -> dict:
+    """Options of --dataset: those recorded with `model`, else what the model needs (synthetic
+    data take the model's input shape and class count)."""
+    meta = {} if model is None else model.metadata
+    recorded = meta.get("dataset_options")
+    if isinstance(recorded, dict) and meta.get("dataset") == _dataset_name(args.dataset):
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()}
     if args.dataset == "synthetic" and model is not None:
-        options = {"shape": model.input_shape, "n_classes": model.n_classes}
+        return {"shape": model.input_shape, "n_classes": model.n_classes}
+    return {}
+
+
+def _load_data(args, model: Sequential | None, options: dict | None = None):
+    """The dataset named by --dataset, normalised by --normalize, with `options`."""
+    options = _dataset_options(args, model) if options is None else options
     return load_dataset(args.dataset, args.data_dir, normalize=args.normalize, **options)
+
+
+def _dataset_name(name: str) -> str:
+    """--dataset as recorded: an npz path made absolute, so that evaluate finds it anywhere."""
+    return "npz:" + str(Path(name[4:]).resolve()) if name.startswith("npz:") else name
 
 
 def _given(value, default):
@@ -132,20 +150,20 @@ def _train(args, scheduler, signals: _Signals) -> int:
     overrides = dict(n_jobs=args.n_jobs, progress=not args.quiet, checkpoint=args.checkpoint,
                      backend=args.backend, scheduler=scheduler)
     if args.resume:
-        given = [f"--{k.replace('_', '-')}" for k in RUN_DEFINING if getattr(args, k) is not None]
-        if given:
-            raise UsageError(f"{', '.join(given)} cannot change on --resume: the checkpoint "
-                             "defines the run")
         trainer = Trainer.from_checkpoint(args.resume, **overrides)
-        model_name = trainer.model.metadata.get("model", "model")
-        args.dataset = _given(args.dataset, trainer.model.metadata.get("dataset"))
+        run = checkpoint_run(trainer)
+        _check_resume(args, run)
+        model_name = run["model"] or "model"
+        args.dataset = _given(args.dataset, run["dataset"])
         if args.dataset is None:
             raise UsageError(f"--dataset is required: {args.resume} does not name its dataset")
+        args.normalize = _given(args.normalize, _given(run["normalize"], "scale"))
         defaults = MODEL_DEFAULTS.get(model_name, {})
     else:
         model_name = _given(args.model, "digits-cnn")
         defaults = MODEL_DEFAULTS[model_name]
         args.dataset = _given(args.dataset, defaults["dataset"])
+        args.normalize = _given(args.normalize, "scale")
         if args.momentum is not None and args.optimizer != "sgd":
             raise UsageError("--momentum applies to --optimizer sgd only")
     epochs = _given(args.epochs, defaults.get("epochs", 10))
@@ -154,13 +172,16 @@ def _train(args, scheduler, signals: _Signals) -> int:
     outputs = _Outputs(args, model_name, signals)  # every output path checked here
     with _claim(args.checkpoint) as claim:  # before the data load: a second run stops now
         if args.resume:
-            data = _load_data(args, trainer.model)
+            options = _dataset_options(args, trainer.model)
+            data = _load_data(args, trainer.model, options)
             _check_fit(trainer.model, data, f"the model in {args.resume}")
+            model = trainer.model
         else:
             probe = None if model_name == "mlp" else zoo.get(model_name)
             data = _load_data(args, probe or zoo.mlp(input_shape=(28, 28, 1)))
             model = build_model(model_name, data, _given(args.seed, 0),
                                 _given(args.dropout, 0.0), bool(args.batchnorm))
+            options = _dataset_options(args, model)
             lr = _given(args.lr, defaults["lr"])
             optimizer = SGD(lr, momentum=_given(args.momentum, 0.0)) \
                 if args.optimizer == "sgd" else Adam(lr)
@@ -169,10 +190,11 @@ def _train(args, scheduler, signals: _Signals) -> int:
                               chunk_size=args.chunk_size, seed=_given(args.seed, 0),
                               lr_schedule=_given(args.lr_decay, defaults.get("lr_decay")),
                               **overrides)
-            dataset = args.dataset
-            if dataset.startswith("npz:"):  # so that evaluate finds it from anywhere
-                dataset = "npz:" + str(Path(dataset[4:]).resolve())
-            model.metadata.update(model=model_name, dataset=dataset, normalize=args.normalize)
+            model.metadata["model"] = model_name
+        # what the data pipeline was: resume and evaluate rebuild exactly these inputs
+        model.metadata.update(dataset=_dataset_name(args.dataset), normalize=args.normalize,
+                              dataset_options={k: list(v) if isinstance(v, tuple) else v
+                                               for k, v in options.items()})
         trainer.checkpoint_claim = claim
         if data.synthetic and not args.quiet:
             print("NOTE: SYNTHETIC random data: for timing experiments only.", file=sys.stderr)
@@ -404,6 +426,49 @@ def _claim(checkpoint: str | None):
         yield claim
 
 
+def checkpoint_run(trainer) -> dict:
+    """The run-defining options of a trainer (rebuilt from a checkpoint), named as in `train`.
+
+    None where the checkpoint does not say (model, dataset and normalize come from the
+    metadata the command line records; a checkpoint written from Python may lack them).
+    """
+    meta, layers = trainer.model.metadata, trainer.model.layers
+    optimizer = optimizer_config(trainer.optimizer)
+    return {
+        "model": meta.get("model"), "dataset": meta.get("dataset"),
+        "normalize": meta.get("normalize"), "optimizer": optimizer["name"],
+        "lr": trainer.base_lr, "lr_decay": trainer.lr_schedule.config().get("decay", 0.0),
+        "batch_size": trainer.batch_size, "chunk_size": trainer.chunk_size,
+        "seed": trainer.seed, "momentum": optimizer.get("momentum"),
+        "dropout": max((layer.rate for layer in layers if isinstance(layer, Dropout)),
+                       default=0.0),
+        "batchnorm": any(isinstance(layer, BatchNorm) for layer in layers),
+    }
+
+
+def _check_resume(args, run: dict) -> None:
+    """With --resume, each run-defining option given must equal the checkpoint's; list all
+    that differ (with both values) in one UsageError."""
+    differ = []
+    for name in RUN_DEFINING:
+        given = getattr(args, name)
+        if given is None or run[name] is None and name in ("model", "dataset", "normalize"):
+            continue
+        if name == "dataset":
+            given = _dataset_name(given)
+        elif name == "chunk_size":  # the trainer caps the chunk at the batch size
+            given = min(given, _given(args.batch_size, run["batch_size"]))
+        if given != run[name]:
+            option = "--" + name.replace("_", "-")
+            shown = {True: "on", False: "off", None: "not set"}
+            differ.append(f"{option} {shown.get(given, given)} (checkpoint: "
+                          f"{shown.get(run[name], run[name])})")
+    if differ:
+        raise UsageError(f"--resume {args.resume} goes on with the checkpoint's run, and these "
+                         f"options differ from it: {', '.join(differ)}; leave them out (or "
+                         "equal), or drop --resume to start a new run")
+
+
 class EpochSummary(Callback):
     """One line per epoch: train loss/accuracy, validation accuracy, speed, time."""
 
@@ -526,9 +591,9 @@ def cmd_evaluate(args) -> int:
         from .plots import require_matplotlib
 
         require_matplotlib()
-    from .model import load
-
-    model = load(args.model_file)
+    # a checkpoint holds a model too (with its optimizer state, ignored here)
+    meta, arrays = read_npz(args.model_file, ("model", "checkpoint"))
+    model = model_from_arrays(meta, arrays, args.model_file)
     args.dataset = args.dataset or model.metadata.get("dataset")
     if args.dataset is None:
         raise UsageError("--dataset is required: the model file does not name its dataset")
@@ -622,11 +687,13 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint", default=None,
                        help="write checkpoints to this .npz (claimed by this run: another run "
                        "naming it is refused while this one lives)")
-    train.add_argument("--resume", default=None, help="continue from this checkpoint")
+    train.add_argument("--resume", default=None,
+                       help="go on with the run in this checkpoint; options that define the "
+                       "run may be repeated only with the checkpoint's values")
     train.add_argument("--save", default=None, help="model file (default MODEL.npz)")
     train.add_argument("--history", default=None, help="write the history as JSON here")
     train.add_argument("--plot", default=None, help="write history.png into this folder")
-    _add_data_options(train)
+    _add_data_options(train, normalize_default=None)
     train.add_argument("--backend", choices=["loky", "dask"], default="loky",
                        help="how chunks reach workers (default loky)")
     train.add_argument("--scheduler", default=None,
@@ -635,7 +702,7 @@ def make_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="accuracy, per-class recall, confusion matrix")
-    evaluate.add_argument("model_file", help="a model saved by train (.npz)")
+    evaluate.add_argument("model_file", help="a model (or checkpoint) saved by train (.npz)")
     evaluate.add_argument("--dataset", default=None,
                           help=f"{datasets} (default: the one the model was trained on)")
     evaluate.add_argument("--split", choices=["test", "train"], default="test")
@@ -663,7 +730,9 @@ def make_parser() -> argparse.ArgumentParser:
 def _add_data_options(parser, normalize_default="scale") -> None:
     parser.add_argument("--data-dir", default="data", help="dataset folder (default data/)")
     parser.add_argument("--normalize", choices=["scale", "standardize", "none"],
-                        default=normalize_default, help="input scaling (default scale)")
+                        default=normalize_default,
+                        help="input scaling (default scale, or the one the model or checkpoint "
+                        "was trained with)")
 
 
 def _version() -> str:

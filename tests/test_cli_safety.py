@@ -1,6 +1,6 @@
 """`partrain train` never loses a run: output paths checked before anything starts, files
 rescued when writing still fails, checkpoints claimed by one run, signals and a closed stdout
-after training, and one-line Dask address errors (issue 11).
+after training, resume that means "go on", and one-line Dask address errors (issue 11).
 
 Each case was reproduced on the code before the fix; the comment of each test says what it did
 then. Runs are tiny (synthetic data, 1-3 epochs); subprocesses where signals, pipes or a second
@@ -285,6 +285,74 @@ def test_a_claim_left_by_a_killed_run_blocks_nobody(tmp_path):
     assert_ok(run_partrain("train", "--epochs", 1, *TINY, "--checkpoint", "ck.npz",
                            "--save", "m.npz", cwd=tmp_path))
     assert not (tmp_path / ".ck.npz.lock").exists()
+
+
+# ----------------------------------------------------------------------------- resume = go on
+
+RUNS = {  # the options of a run, given again with --resume
+    "cnn-sgd": ["--model", "digits-cnn", "--batch-size", "16", "--chunk-size", "8", "--seed", "3",
+                "--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.01", "--lr-decay", "0.1",
+                "--normalize", "standardize", "--dataset", "synthetic"],
+    "mlp-adam": ["--model", "mlp", "--dropout", "0.2", "--batchnorm", "--batch-size", "64",
+                 "--seed", "5", "--optimizer", "adam", "--lr", "0.002",
+                 "--normalize", "standardize", "--dataset", "synthetic"],
+}
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_resume_with_the_same_command_goes_on(run, tmp_path):
+    """Before: "--model, --batch-size, --seed cannot change on --resume" for unchanged values,
+    and a bare `--resume` fed `scale`d inputs to a `standardize` run.
+
+    1 epoch with a checkpoint, then (a) only --resume and --epochs 2, (b) the very same
+    command with --resume added: both equal 2 uninterrupted epochs, bit for bit, and the
+    saved metadata names the real normalisation."""
+    options = RUNS[run]
+    full = run_partrain("train", *options, "--epochs", 2, "--quiet", "--save", "full.npz",
+                        cwd=tmp_path)
+    assert_ok(full)
+    assert_ok(run_partrain("train", *options, "--epochs", 1, "--quiet", "--checkpoint",
+                           "ck.npz", "--save", "one.npz", cwd=tmp_path))
+    assert_ok(run_partrain("train", "--resume", "ck.npz", "--epochs", 2, "--quiet",
+                           "--save", "bare.npz", cwd=tmp_path))
+    assert_ok(run_partrain("train", *options, "--epochs", 2, "--quiet", "--checkpoint",
+                           "ck.npz", "--save", "same.npz", "--resume", "ck.npz", cwd=tmp_path))
+    reference = partrain.load(tmp_path / "full.npz")
+    for name in ("bare", "same"):
+        model = partrain.load(tmp_path / f"{name}.npz")
+        assert np.array_equal(model.params, reference.params), name
+        assert np.array_equal(model.buffers, reference.buffers), name
+        assert model.metadata == reference.metadata, name
+        assert model.metadata["normalize"] == "standardize"
+    assert Trainer.from_checkpoint(tmp_path / "ck.npz").epoch == 2
+
+
+def test_resume_lists_every_option_that_differs(tmp_path):
+    assert_ok(run_partrain("train", *RUNS["cnn-sgd"], "--epochs", 1, "--quiet",
+                           "--checkpoint", "ck.npz", cwd=tmp_path))
+    proc = run_partrain("train", *RUNS["cnn-sgd"], "--batch-size", "32", "--seed", "4",
+                        "--normalize", "scale", "--momentum", "0.5", "--epochs", 2, "--quiet",
+                        "--resume", "ck.npz", cwd=tmp_path)
+    assert_usage_error(proc, "--resume ck.npz", "--batch-size 32 (checkpoint: 16)",
+                       "--seed 4 (checkpoint: 3)", "--normalize scale (checkpoint: standardize)",
+                       "--momentum 0.5 (checkpoint: 0.9)")
+    message = lines(proc.stderr)[0]
+    for same in ("--model", "--chunk-size", "--lr ", "--lr-decay", "--optimizer", "--dataset"):
+        assert same not in message, message
+    # and a model saved over the checkpoint it resumes from would end that run
+    proc = run_partrain("train", "--resume", "ck.npz", "--save", "ck.npz", cwd=tmp_path)
+    assert_usage_error(proc, "--save", "--resume", "ck.npz")
+
+
+def test_evaluate_accepts_a_checkpoint(tmp_path):
+    """Before: "'ck.npz' holds a partrain checkpoint, expected a model." (exit 2)."""
+    assert_ok(run_partrain("train", *RUNS["cnn-sgd"], "--epochs", 1, "--quiet",
+                           "--checkpoint", "ck.npz", "--save", "m.npz", cwd=tmp_path))
+    from_model = run_partrain("evaluate", "m.npz", cwd=tmp_path)
+    from_checkpoint = run_partrain("evaluate", "ck.npz", cwd=tmp_path)
+    assert_ok(from_model)
+    assert_ok(from_checkpoint)
+    assert from_checkpoint.stdout.replace("ck.npz", "m.npz") == from_model.stdout
 
 
 # ----------------------------------------------------------------------------- dask
