@@ -271,7 +271,7 @@ class _Outputs:
         self.written: dict[str, Path | None] = {}  # what -> where (None: nowhere)
         self.problems: list[str] = []
         self.evaluated = False
-        checks = [("--save", str(self.save), False, f"{model_name}.npz"),
+        checks = [("--save", _given(args.save, str(self.save)), False, f"{model_name}.npz"),
                   ("--checkpoint", args.checkpoint, False, "checkpoint.npz"),
                   ("--history", args.history, False, "history.json")]
         if args.plot is not None:

@@ -36,7 +36,7 @@ def lines(text: str) -> list[str]:
 # NotADirectoryError) with exit status 1, and the trained model was not written anywhere.
 
 BAD_OUTPUTS = {  # id: (set-up, arguments, words of the one-line message)
-    "save-is-a-folder": ("mkdir out", ["--save", "out/"], ["--save", "out/", "folder"]),
+    "save-is-a-folder": ("mkdir out", ["--save", "out/"], ["--save out/:", "folder"]),
     "history-is-a-folder": ("mkdir h", ["--history", "h"], ["--history", "h", "folder"]),
     "checkpoint-is-a-folder": ("mkdir ck", ["--checkpoint", "ck"], ["--checkpoint", "folder"]),
     "checkpoint-under-a-file": ("touch afile", ["--checkpoint", "afile/ck.npz"],
