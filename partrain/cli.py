@@ -1,11 +1,22 @@
-"""The `partrain` command line: train | evaluate | gradcheck | bench."""
+"""The `partrain` command line: train | evaluate | gradcheck | bench.
+
+Exit statuses: 0 success; 1 a failure during the work (a worker error, a NaN loss, gradcheck
+FAIL, a file written elsewhere than asked); 2 a usage or input error, reported before any
+training; 128 + N after signal N (130 Ctrl-C, 143 SIGTERM, 141 stdout closed).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
+import os
+import re
 import signal
 import sys
+import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -16,9 +27,13 @@ from . import zoo
 from .callbacks import Callback
 from .chunks import WorkerCrashError
 from .data import DATASETS, DataError, load_dataset
-from .io import FileFormatError
-from .model import Sequential
+from .io import FileFormatError, output_problem, read_npz, write_text
+from .layers import BatchNorm, Dropout
+from .model import Sequential, model_from_arrays
+from .optim import optimizer_config
 from .parallel import ParallelismWarning
+from .runlock import CheckpointClaim, CheckpointInUseError
+from .trainer import TrainingInterrupted
 
 # Per-model defaults: `partrain train` alone trains something real, offline, in seconds.
 MODEL_DEFAULTS = {
@@ -27,9 +42,11 @@ MODEL_DEFAULTS = {
     "mnist-cnn": {"dataset": "mnist", "epochs": 2, "batch_size": 32, "lr": 1e-3},
     "mlp": {"dataset": "mnist", "epochs": 10, "batch_size": 64, "lr": 1e-3, "lr_decay": 0.01},
 }
-RUN_DEFINING = ("model", "optimizer", "lr", "lr_decay", "batch_size", "chunk_size", "seed",
-                "momentum", "dropout", "batchnorm")
+# `train` options that define a run: with --resume, each may only repeat the checkpoint's value
+RUN_DEFINING = ("model", "dataset", "normalize", "optimizer", "lr", "lr_decay", "batch_size",
+                "chunk_size", "seed", "momentum", "dropout", "batchnorm")
 EXIT_USAGE, EXIT_FAILURE = 2, 1
+EXIT_CLOSED_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool killed by SIGPIPE
 
 
 class UsageError(Exception):
@@ -56,12 +73,27 @@ def _csv(kind):
     return parse
 
 
-def _load_data(args, model: Sequential | None):
-    """The dataset named by --dataset; synthetic data take the model's input and class count."""
-    options = {}
+def _dataset_options(args, model: Sequential | None) -> dict:
+    """Options of --dataset: those recorded with `model`, else what the model needs (synthetic
+    data take the model's input shape and class count)."""
+    meta = {} if model is None else model.metadata
+    recorded = meta.get("dataset_options")
+    if isinstance(recorded, dict) and meta.get("dataset") == _dataset_name(args.dataset):
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()}
     if args.dataset == "synthetic" and model is not None:
-        options = {"shape": model.input_shape, "n_classes": model.n_classes}
+        return {"shape": model.input_shape, "n_classes": model.n_classes}
+    return {}
+
+
+def _load_data(args, model: Sequential | None, options: dict | None = None):
+    """The dataset named by --dataset, normalised by --normalize, with `options`."""
+    options = _dataset_options(args, model) if options is None else options
     return load_dataset(args.dataset, args.data_dir, normalize=args.normalize, **options)
+
+
+def _dataset_name(name: str) -> str:
+    """--dataset as recorded: an npz path made absolute, so that evaluate finds it anywhere."""
+    return "npz:" + str(Path(name[4:]).resolve()) if name.startswith("npz:") else name
 
 
 def _given(value, default):
@@ -91,6 +123,355 @@ def _check_fit(model: Sequential, dataset, what: str) -> None:
         )
 
 
+# ----------------------------------------------------------------------------- train
+
+
+def cmd_train(args) -> int:
+    if args.plot:
+        from .plots import require_matplotlib
+
+        require_matplotlib()
+    scheduler = _scheduler(args)
+    signals = _Signals()
+    signals.install()
+    try:
+        return _train(args, scheduler, signals)
+    except KeyboardInterrupt as exc:  # (from then on, _fit_and_finish reports signals itself)
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"partrain train: interrupted by {signal.Signals(signum).name} before training "
+              "started; nothing was written", file=sys.stderr)
+        return 128 + signum
+    finally:
+        signals.restore()
+
+
+def _train(args, scheduler, signals: _Signals) -> int:
+    from .optim import SGD, Adam
+    from .trainer import Trainer
+
+    overrides = dict(n_jobs=args.n_jobs, progress=not args.quiet, checkpoint=args.checkpoint,
+                     backend=args.backend, scheduler=scheduler)
+    if args.resume:
+        trainer = Trainer.from_checkpoint(args.resume, **overrides)
+        run = checkpoint_run(trainer)
+        _check_resume(args, run)
+        model_name = run["model"] or "model"
+        args.dataset = _given(args.dataset, run["dataset"])
+        if args.dataset is None:
+            raise UsageError(f"--dataset is required: {args.resume} does not name its dataset")
+        args.normalize = _given(args.normalize, _given(run["normalize"], "scale"))
+        defaults = MODEL_DEFAULTS.get(model_name, {})
+    else:
+        model_name = _given(args.model, "digits-cnn")
+        defaults = MODEL_DEFAULTS[model_name]
+        args.dataset = _given(args.dataset, defaults["dataset"])
+        args.normalize = _given(args.normalize, "scale")
+        if args.momentum is not None and args.optimizer != "sgd":
+            raise UsageError("--momentum applies to --optimizer sgd only")
+    epochs = _given(args.epochs, defaults.get("epochs", 10))
+    if epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {epochs}")
+    outputs = _Outputs(args, model_name, signals)  # every output path checked here
+    with _claim(args.checkpoint) as claim:  # before the data load: a second run stops now
+        if args.resume:
+            options = _dataset_options(args, trainer.model)
+            data = _load_data(args, trainer.model, options)
+            _check_fit(trainer.model, data, f"the model in {args.resume}")
+            model = trainer.model
+        else:
+            probe = None if model_name == "mlp" else zoo.get(model_name)
+            data = _load_data(args, probe or zoo.mlp(input_shape=(28, 28, 1)))
+            model = build_model(model_name, data, _given(args.seed, 0),
+                                _given(args.dropout, 0.0), bool(args.batchnorm))
+            options = _dataset_options(args, model)
+            lr = _given(args.lr, defaults["lr"])
+            optimizer = SGD(lr, momentum=_given(args.momentum, 0.0)) \
+                if args.optimizer == "sgd" else Adam(lr)
+            trainer = Trainer(model, optimizer, batch_size=_given(args.batch_size,
+                                                                  defaults["batch_size"]),
+                              chunk_size=args.chunk_size, seed=_given(args.seed, 0),
+                              lr_schedule=_given(args.lr_decay, defaults.get("lr_decay")),
+                              **overrides)
+            model.metadata["model"] = model_name
+        # what the data pipeline was: resume and evaluate rebuild exactly these inputs
+        model.metadata.update(dataset=_dataset_name(args.dataset), normalize=args.normalize,
+                              dataset_options={k: list(v) if isinstance(v, tuple) else v
+                                               for k, v in options.items()})
+        trainer.checkpoint_claim = claim
+        if data.synthetic and not args.quiet:
+            print("NOTE: SYNTHETIC random data: for timing experiments only.", file=sys.stderr)
+        return _fit_and_finish(args, trainer, data, epochs, model_name, outputs, signals)
+
+
+def _fit_and_finish(args, trainer, data, epochs: int, model_name: str, outputs: _Outputs,
+                    signals: _Signals) -> int:
+    """Train the remaining epochs, then write the files (first, signals held), evaluate on
+    the test set and plot. A signal or a closed stdout after the last epoch still leaves
+    every file written; one during training leaves the checkpoint."""
+    remaining = epochs - trainer.epoch
+    try:
+        if remaining <= 0:
+            print(f"The checkpoint has already trained {trainer.epoch} epochs (--epochs "
+                  f"{epochs}): nothing to do.")
+            outputs.evaluated = True  # (no training, so no test score due)
+            outputs.write_files(trainer)
+        else:
+            if not args.quiet:
+                print(f"Training {model_name} on {data.name} ({len(data.x_train):,} train, "
+                      f"{len(data.x_test):,} test) with n_jobs={trainer.n_jobs}, batch "
+                      f"{trainer.batch_size}, chunk {trainer.chunk_size}; epochs "
+                      f"{trainer.epoch + 1}..{epochs}", file=sys.stderr)
+            for note in trainer.plan.notes(chunk_option="--chunk-size {}"):
+                print(f"note: {note}", file=sys.stderr)
+            t0 = time.perf_counter()
+            with trainer:
+                trainer.fit(data.x_train, data.y_train, epochs=remaining,
+                            validation_data=(data.x_test, data.y_test),
+                            callbacks=[EpochSummary(epochs, args.quiet),
+                                       StopWhenStdoutCloses(sys.stdout)])
+                wall = time.perf_counter() - t0
+                outputs.write_files(trainer)
+            test_loss, test_acc = trainer.model.evaluate(data.x_test, data.y_test)
+            print(f"test accuracy {test_acc:.4f}  test loss {test_loss:.4f}  "
+                  f"wall time {wall:.1f} s")
+            outputs.evaluated = True
+        outputs.plot(trainer)
+    except KeyboardInterrupt as exc:  # TrainingInterrupted, or Ctrl-C outside of fit
+        signum = getattr(exc, "signum", signal.SIGINT)
+        trained = trainer.epoch >= epochs and trainer.step_in_epoch == 0
+        if trained:
+            with contextlib.suppress(KeyboardInterrupt):  # a second signal: report anyway
+                outputs.write_files(trainer)
+        outputs.report_interrupted(signum, trainer, epochs, trained)
+        return 128 + signum
+    except ConnectionError as exc:  # the Dask scheduler could not be reached at the start
+        raise UsageError(str(exc)) from None
+    except OSError as exc:  # e.g. the checkpoint could not be written any more
+        if args.checkpoint is None:
+            raise
+        trained = trainer.epoch >= epochs and trainer.step_in_epoch == 0
+        outputs.rescue_checkpoint(trainer, exc, epochs, trained)
+        if not trained:
+            return EXIT_FAILURE
+        outputs.write_files(trainer)
+    return outputs.report()
+
+
+class _Outputs:
+    """The files `train` writes (--save, --history, --plot; --checkpoint is the trainer's).
+
+    Every path is checked when this object is made, before any data load or worker start.
+    A write that still fails after training goes next to the intended path, else to the
+    working directory, else to the temporary folder, and the report says where.
+    """
+
+    def __init__(self, args, model_name: str, signals: _Signals):
+        self.save = Path(_given(args.save, f"{model_name}.npz"))
+        self.history = None if args.history is None else Path(args.history)
+        self.plot_dir = None if args.plot is None else Path(args.plot)
+        self.checkpoint = None if args.checkpoint is None else Path(args.checkpoint)
+        self.signals = signals
+        self.written: dict[str, Path | None] = {}  # what -> where (None: nowhere)
+        self.problems: list[str] = []
+        self.evaluated = False
+        checks = [("--save", _given(args.save, str(self.save)), False, f"{model_name}.npz"),
+                  ("--checkpoint", args.checkpoint, False, "checkpoint.npz"),
+                  ("--history", args.history, False, "history.json")]
+        if args.plot is not None:
+            checks += [("--plot", args.plot, True, None),
+                       ("--plot", str(self.plot_dir / "history.png"), False, None)]
+        for option, given, folder, example in checks:  # (paths shown as the user typed them)
+            problem = None if given is None else output_problem(given, folder=folder)
+            if problem:
+                hint = f"; e.g. {option} {Path(given) / example}" \
+                    if example and Path(given).is_dir() else ""
+                raise UsageError(f"{option} {given}: {problem}{hint}")
+        files = [("--save", self.save), ("--checkpoint", self.checkpoint),
+                 ("--history", self.history), ("--resume", args.resume)]
+        for (a, path_a), (b, path_b) in itertools.combinations(files, 2):
+            if path_a is None or path_b is None or {a, b} == {"--checkpoint", "--resume"}:
+                continue
+            if os.path.realpath(path_a) == os.path.realpath(path_b):
+                raise UsageError(f"{a} and {b} both name {path_a}: one would overwrite the "
+                                 "other; give them different paths")
+
+    def write_files(self, trainer) -> None:
+        """The model and the history, each once; a signal meanwhile waits for the end."""
+        with self.signals.held():
+            if "model" not in self.written:
+                self.written["model"] = self._write("model", self.save, trainer.model.save)
+            if self.history is not None and "history" not in self.written:
+                text = json.dumps(trainer.history.history, indent=1)
+                self.written["history"] = self._write("history", self.history,
+                                                      lambda path: write_text(path, text))
+
+    def _write(self, what: str, path: Path, write) -> Path | None:
+        where, reason = _write_somewhere(write, path)
+        if where is None:
+            self.problems.append(f"could not write the {what} to {path} ({reason}) nor to "
+                                 "any other place")
+        elif where != path:
+            self.problems.append(f"could not write the {what} to {path} ({reason}); wrote "
+                                 f"it to {where} instead")
+        return where
+
+    def plot(self, trainer) -> None:
+        if self.plot_dir is None:
+            return
+        from .plots import plot_history
+
+        try:
+            self.written["plot"] = plot_history(trainer.history.history,
+                                                self.plot_dir / "history.png")
+        except OSError as exc:
+            self.problems.append(f"could not write the plot {self.plot_dir / 'history.png'} "
+                                 f"({exc.strerror or exc})")
+
+    def report(self) -> int:
+        """Print where the files went; exit status 1 if one is not where it was asked for."""
+        if self.written.get("model"):
+            print(f"model saved to {self.written['model']}")
+        if self.written.get("plot"):
+            print(f"plot: {self.written['plot']}")
+        for problem in self.problems:
+            print(f"partrain train: failed: {problem}", file=sys.stderr)
+        return EXIT_FAILURE if self.problems else 0
+
+    def report_interrupted(self, signum: int, trainer, epochs: int, trained: bool) -> None:
+        """One line on stderr: what was saved, and what was not done."""
+        why = "stdout was closed" if signum == signal.SIGPIPE else \
+            f"interrupted by {signal.Signals(signum).name}"
+        if trained:
+            done = [f"{what} saved to {path}" for what, path in self.written.items() if path]
+            if self.checkpoint is not None:
+                done.append(f"checkpoint in {self.checkpoint}")
+            expected = ["model"] + (["history"] if self.history is not None else [])
+            missing = [what for what in expected if not self.written.get(what)]
+            missing += [] if self.evaluated else ["test evaluation"]
+            missing += ["plot"] if self.plot_dir is not None and "plot" not in self.written \
+                else []
+            if signum == signal.SIGPIPE and not missing and not self.problems:
+                return  # a closed stdout after a complete run: quiet, as a Unix tool
+            line = f"{why} after training: {', '.join(done) or 'nothing written'}"
+            if missing:
+                line += f"; not done: {', '.join(missing)}"
+        else:
+            line = f"{why} at {_position(trainer, epochs)}; "
+            if self.checkpoint is not None:
+                line += f"checkpoint in {self.checkpoint}: go on with --resume {self.checkpoint}"
+            else:
+                line += "the training so far is lost (no --checkpoint)"
+        for problem in self.problems:
+            line += f"; {problem}"
+        print(f"partrain train: {line}", file=sys.stderr)
+
+    def rescue_checkpoint(self, trainer, exc: OSError, epochs: int, trained: bool) -> None:
+        """Training stopped on an OSError (e.g. its checkpoint folder vanished): write the
+        checkpoint of the last completed step somewhere, and say where on stderr."""
+        where, _ = _write_somewhere(trainer.save_checkpoint, self.checkpoint)
+        if trained:
+            stopped = "training ended"
+        else:
+            stopped = f"training stopped at {_position(trainer, epochs)}"
+        if where is None:
+            saved = "and its checkpoint could not be written anywhere"
+        else:
+            saved = f"the checkpoint of its last step is in {where}"
+            saved += "" if trained else f": go on with --resume {where}"
+        problem = f"{stopped} with {type(exc).__name__}: {exc.strerror or exc}; {saved}"
+        if trained:
+            self.problems.append(problem)
+        else:
+            print(f"partrain train: failed: {problem}", file=sys.stderr)
+
+
+def _position(trainer, epochs: int) -> str:
+    """Where an unfinished run stands, e.g. "epoch 2 of 5, after step 17"."""
+    if trainer.step_in_epoch:
+        return f"epoch {trainer.epoch + 1} of {epochs}, after step {trainer.step_in_epoch}"
+    return f"the start of epoch {trainer.epoch + 1} of {epochs}"
+
+
+def _write_somewhere(write, path: Path) -> tuple[Path | None, str | None]:
+    """`write(path)`, else `write` to the first of `_rescue_paths` that works: (where it went
+    or None, why `path` failed or None)."""
+    try:
+        write(path)
+        return path, None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+    for other in _rescue_paths(path):
+        try:
+            write(other)
+        except OSError:
+            continue
+        return other, reason
+    return None, reason
+
+
+def _rescue_paths(path: Path):
+    """Where to put a file that could not be written to `path`: next to it, in the working
+    directory, in the temporary folder; never over an existing file."""
+    tagged = f"{path.stem}.rescued-{os.getpid()}{path.suffix}"
+    for other in (path.with_name(tagged), Path.cwd() / path.name, Path.cwd() / tagged,
+                  Path(tempfile.gettempdir()) / tagged):
+        if not other.exists() and os.path.realpath(other) != os.path.realpath(path):
+            yield other
+
+
+@contextlib.contextmanager
+def _claim(checkpoint: str | None):
+    """The claim on --checkpoint (see partrain.runlock), held until the command ends."""
+    if checkpoint is None:
+        yield None
+        return
+    with CheckpointClaim(checkpoint) as claim:
+        yield claim
+
+
+def checkpoint_run(trainer) -> dict:
+    """The run-defining options of a trainer (rebuilt from a checkpoint), named as in `train`.
+
+    None where the checkpoint does not say (model, dataset and normalize come from the
+    metadata the command line records; a checkpoint written from Python may lack them).
+    """
+    meta, layers = trainer.model.metadata, trainer.model.layers
+    optimizer = optimizer_config(trainer.optimizer)
+    return {
+        "model": meta.get("model"), "dataset": meta.get("dataset"),
+        "normalize": meta.get("normalize"), "optimizer": optimizer["name"],
+        "lr": trainer.base_lr, "lr_decay": trainer.lr_schedule.config().get("decay", 0.0),
+        "batch_size": trainer.batch_size, "chunk_size": trainer.chunk_size,
+        "seed": trainer.seed, "momentum": optimizer.get("momentum"),
+        "dropout": max((layer.rate for layer in layers if isinstance(layer, Dropout)),
+                       default=0.0),
+        "batchnorm": any(isinstance(layer, BatchNorm) for layer in layers),
+    }
+
+
+def _check_resume(args, run: dict) -> None:
+    """With --resume, each run-defining option given must equal the checkpoint's; list all
+    that differ (with both values) in one UsageError."""
+    differ = []
+    for name in RUN_DEFINING:
+        given = getattr(args, name)
+        if given is None or run[name] is None and name in ("model", "dataset", "normalize"):
+            continue
+        if name == "dataset":
+            given = _dataset_name(given)
+        elif name == "chunk_size":  # the trainer caps the chunk at the batch size
+            given = min(given, _given(args.batch_size, run["batch_size"]))
+        if given != run[name]:
+            option = "--" + name.replace("_", "-")
+            shown = {True: "on", False: "off", None: "not set"}
+            differ.append(f"{option} {shown.get(given, given)} (checkpoint: "
+                          f"{shown.get(run[name], run[name])})")
+    if differ:
+        raise UsageError(f"--resume {args.resume} goes on with the checkpoint's run, and these "
+                         f"options differ from it: {', '.join(differ)}; leave them out (or "
+                         "equal), or drop --resume to start a new run")
+
+
 class EpochSummary(Callback):
     """One line per epoch: train loss/accuracy, validation accuracy, speed, time."""
 
@@ -109,101 +490,81 @@ class EpochSummary(Callback):
         tqdm.write(line)
 
 
-# ----------------------------------------------------------------------------- train
+class StopWhenStdoutCloses(Callback):
+    """Stop training, as SIGPIPE would stop a Unix tool, once the reader of stdout has gone
+    (`partrain train | head -3`): checkpoint written, exit status 141."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def _check(self) -> None:
+        if getattr(self.stream, "closed_pipe", False):
+            raise TrainingInterrupted(signal.SIGPIPE)
+
+    def on_batch_end(self, trainer, step, logs):
+        self._check()
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        self._check()
 
 
-def cmd_train(args) -> int:
-    from .optim import SGD, Adam
-    from .trainer import Trainer
+class _Signals:
+    """SIGINT and SIGTERM raise TrainingInterrupted wherever the command line is in charge:
+    everywhere but inside `fit`, whose own guard stands in for these handlers while it runs
+    (and gives them back after), acting on a signal only at safe points. Inside `held()` a
+    signal waits for the end of the block, so that a file being written is finished first.
+    """
 
-    if args.plot:
-        from .plots import require_matplotlib
+    DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
-        require_matplotlib()
-    overrides = dict(n_jobs=args.n_jobs, progress=not args.quiet, checkpoint=args.checkpoint,
-                     backend=args.backend, scheduler=_scheduler(args))
-    if args.resume:
-        given = [f"--{k.replace('_', '-')}" for k in RUN_DEFINING if getattr(args, k) is not None]
-        if given:
-            raise UsageError(f"{', '.join(given)} cannot change on --resume: the checkpoint "
-                             "defines the run")
-        trainer = Trainer.from_checkpoint(args.resume, **overrides)
-        model_name = trainer.model.metadata.get("model", "model")
-        args.dataset = _given(args.dataset, trainer.model.metadata.get("dataset"))
-        if args.dataset is None:
-            raise UsageError(f"--dataset is required: {args.resume} does not name its dataset")
-        defaults = MODEL_DEFAULTS.get(model_name, {})
-    else:
-        model_name = _given(args.model, "digits-cnn")
-        defaults = MODEL_DEFAULTS[model_name]
-        args.dataset = _given(args.dataset, defaults["dataset"])
-        if args.momentum is not None and args.optimizer != "sgd":
-            raise UsageError("--momentum applies to --optimizer sgd only")
-    epochs = _given(args.epochs, defaults.get("epochs", 10))
-    if epochs < 1:
-        raise UsageError(f"--epochs must be >= 1, got {epochs}")
-    for path in (args.history, args.save):
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-    if args.resume:
-        data = _load_data(args, trainer.model)
-        _check_fit(trainer.model, data, f"the model in {args.resume}")
-    else:
-        probe = None if model_name == "mlp" else zoo.get(model_name)
-        data = _load_data(args, probe or zoo.mlp(input_shape=(28, 28, 1)))
-        model = build_model(model_name, data, _given(args.seed, 0),
-                            _given(args.dropout, 0.0), bool(args.batchnorm))
-        lr = _given(args.lr, defaults["lr"])
-        optimizer = SGD(lr, momentum=_given(args.momentum, 0.0)) if args.optimizer == "sgd" \
-            else Adam(lr)
-        trainer = Trainer(model, optimizer, batch_size=_given(args.batch_size,
-                                                              defaults["batch_size"]),
-                          chunk_size=args.chunk_size, seed=_given(args.seed, 0),
-                          lr_schedule=_given(args.lr_decay, defaults.get("lr_decay")),
-                          **overrides)
-        dataset = args.dataset
-        if dataset.startswith("npz:"):  # so that evaluate finds it from anywhere
-            dataset = "npz:" + str(Path(dataset[4:]).resolve())
-        model.metadata.update(model=model_name, dataset=dataset, normalize=args.normalize)
-    if data.synthetic and not args.quiet:
-        print("NOTE: SYNTHETIC random data: for timing experiments only.", file=sys.stderr)
-    remaining = epochs - trainer.epoch
-    if remaining <= 0:
-        print(f"The checkpoint has already trained {trainer.epoch} epochs (--epochs {epochs}): "
-              "nothing to do.")
-    else:
-        with trainer:
-            if not args.quiet:
-                print(f"Training {model_name} on {data.name} ({len(data.x_train):,} train, "
-                      f"{len(data.x_test):,} test) with n_jobs={trainer.n_jobs}, batch "
-                      f"{trainer.batch_size}, chunk {trainer.chunk_size}; epochs "
-                      f"{trainer.epoch + 1}..{epochs}", file=sys.stderr)
-            for note in trainer.plan.notes(chunk_option="--chunk-size {}"):
-                print(f"note: {note}", file=sys.stderr)
-            t0 = time.perf_counter()
-            trainer.fit(data.x_train, data.y_train, epochs=remaining,
-                        validation_data=(data.x_test, data.y_test),
-                        callbacks=[EpochSummary(epochs, args.quiet)])
-            wall = time.perf_counter() - t0
-        test_loss, test_acc = trainer.model.evaluate(data.x_test, data.y_test)
-        print(f"test accuracy {test_acc:.4f}  test loss {test_loss:.4f}  "
-              f"wall time {wall:.1f} s")
-    save = _given(args.save, f"{model_name}.npz")
-    trainer.model.save(save)
-    print(f"model saved to {save}")
-    if args.history:
-        Path(args.history).write_text(json.dumps(trainer.history.history, indent=1))
-    if args.plot:
-        from .plots import plot_history
+    def __init__(self):
+        self.depth = 0
+        self.pending: int | None = None
+        self.previous: dict = {}
 
-        print(f"plot: {plot_history(trainer.history.history, Path(args.plot) / 'history.png')}")
-    return 0
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, default in self.DEFAULTS.items():  # an ignored SIGINT stays ignored
+            if signal.getsignal(signum) is default:
+                self.previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.depth:
+            self.pending = signum
+        else:
+            raise TrainingInterrupted(signum)
+
+    @contextlib.contextmanager
+    def held(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if not self.depth and self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise TrainingInterrupted(signum)
+
+
+_ADDRESS = re.compile(r"(?:(?:tcp|tls|ws|wss|ucx)://)?(?:\[[0-9A-Fa-f:.]+\]|[\w.-]+):(\d{1,5})")
 
 
 def _scheduler(args) -> str | None:
-    """--scheduler, checked against --backend."""
-    if args.scheduler and args.backend != "dask":
+    """--scheduler, checked against --backend and for the form of an address, so that a typo
+    fails at once instead of inside Dask."""
+    if args.scheduler is not None and args.backend != "dask":
         raise UsageError("--scheduler needs --backend dask")
+    if args.scheduler is not None:
+        match = _ADDRESS.fullmatch(args.scheduler)
+        if match is None or not 0 < int(match[1]) < 65536:
+            raise UsageError(f"--scheduler must be a Dask scheduler address such as "
+                             f"tcp://HOST:8786, got {args.scheduler!r}")
     return args.scheduler
 
 
@@ -280,13 +641,13 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
 
 
 def cmd_evaluate(args) -> int:
-    from .model import load
-
     if args.plot:
         from .plots import require_matplotlib
 
         require_matplotlib()
-    model = load(args.model_file)
+    # a checkpoint holds a model too (with its optimizer state, ignored here)
+    meta, arrays = read_npz(args.model_file, ("model", "checkpoint"))
+    model = model_from_arrays(meta, arrays, args.model_file)
     args.dataset = args.dataset or model.metadata.get("dataset")
     if args.dataset is None:
         raise UsageError("--dataset is required: the model file does not name its dataset")
@@ -377,12 +738,16 @@ def make_parser() -> argparse.ArgumentParser:
                        help="MLP batch normalisation")
     train.add_argument("--n-jobs", type=int, default=1, help="worker processes, -1 = all cores")
     train.add_argument("--seed", type=int, default=None, help="seed of init, shuffling, dropout")
-    train.add_argument("--checkpoint", default=None, help="write checkpoints to this .npz")
-    train.add_argument("--resume", default=None, help="continue from this checkpoint")
+    train.add_argument("--checkpoint", default=None,
+                       help="write checkpoints to this .npz (claimed by this run: another run "
+                       "naming it is refused while this one lives)")
+    train.add_argument("--resume", default=None,
+                       help="go on with the run in this checkpoint; options that define the "
+                       "run may be repeated only with the checkpoint's values")
     train.add_argument("--save", default=None, help="model file (default MODEL.npz)")
     train.add_argument("--history", default=None, help="write the history as JSON here")
     train.add_argument("--plot", default=None, help="write history.png into this folder")
-    _add_data_options(train)
+    _add_data_options(train, normalize_default=None)
     train.add_argument("--backend", choices=["loky", "dask"], default="loky",
                        help="how chunks reach workers (default loky)")
     train.add_argument("--scheduler", default=None,
@@ -391,7 +756,7 @@ def make_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="accuracy, per-class recall, confusion matrix")
-    evaluate.add_argument("model_file", help="a model saved by train (.npz)")
+    evaluate.add_argument("model_file", help="a model (or checkpoint) saved by train (.npz)")
     evaluate.add_argument("--dataset", default=None,
                           help=f"{datasets} (default: the one the model was trained on)")
     evaluate.add_argument("--split", choices=["test", "train"], default="test")
@@ -417,7 +782,9 @@ def make_parser() -> argparse.ArgumentParser:
 def _add_data_options(parser, normalize_default="scale") -> None:
     parser.add_argument("--data-dir", default="data", help="dataset folder (default data/)")
     parser.add_argument("--normalize", choices=["scale", "standardize", "none"],
-                        default=normalize_default, help="input scaling (default scale)")
+                        default=normalize_default,
+                        help="input scaling (default scale, or the one the model or checkpoint "
+                        "was trained with)")
 
 
 def _version() -> str:
@@ -426,20 +793,77 @@ def _version() -> str:
     return __version__
 
 
+class _ClosedPipeSafe:
+    """A stand-in for sys.stdout / sys.stderr on which writing to a closed pipe (its reader,
+    e.g. `head`, has exited) does not raise BrokenPipeError: the text is dropped, the stream's
+    descriptor is pointed at /dev/null (the recipe of Python's signal module documentation,
+    "Note on SIGPIPE", so that the interpreter's last flush cannot fail either) and
+    `closed_pipe` becomes true. Lines are flushed as they are written, so that a closed
+    stdout is noticed at the next line rather than at exit."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.closed_pipe = False
+
+    def write(self, text: str) -> int:
+        if not self.closed_pipe:
+            try:
+                self._stream.write(text)
+                if "\n" in text:
+                    self._stream.flush()
+            except BrokenPipeError:
+                self._to_devnull()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.closed_pipe:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        self.closed_pipe = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # e.g. a stream without a descriptor
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status (see the module docstring)."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _ClosedPipeSafe(sys.stdout), _ClosedPipeSafe(sys.stderr)
+    try:
+        status = _main(argv)
+        sys.stdout.flush()
+        stdout_closed = sys.stdout.closed_pipe
+    finally:
+        sys.stdout, sys.stderr = saved
+    return EXIT_CLOSED_PIPE if stdout_closed and status == 0 else status
+
+
+def _main(argv: list[str] | None) -> int:
     parser = make_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     prog = f"partrain {args.command}"
     try:
         with warnings.catch_warnings():  # `train` prints these in its header instead
             warnings.simplefilter("ignore", ParallelismWarning)
             return args.func(args)
     except (UsageError, ValueError, FileNotFoundError, FileFormatError, DataError,
-            ImportError) as exc:
+            ImportError, CheckpointInUseError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (WorkerCrashError, FloatingPointError) as exc:
+    except (WorkerCrashError, FloatingPointError, OSError) as exc:
         print(f"{prog}: failed: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt as exc:

@@ -8,6 +8,7 @@ alone holds the optimizer state.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import signal
@@ -33,6 +34,7 @@ from .optim import (
     schedule_from_config,
 )
 from .parallel import BACKENDS, ParallelismWarning, make_engine, plan_processes, resolve_n_jobs
+from .runlock import CheckpointClaim
 
 SHUFFLE_STREAM, STEP_STREAM = 0, 1  # first key element: which kind of random draw
 
@@ -84,6 +86,8 @@ class Trainer:
     checkpoint : path, optional
         Where to write checkpoints: every `checkpoint_every` epochs, at the end of `fit`, on
         Ctrl-C/SIGTERM (state of the last completed step) and before a worker-crash error.
+        `fit` claims the path for as long as it runs (`partrain.runlock`): a run in another
+        process, or another Trainer, that names it meanwhile gets a `CheckpointInUseError`.
     backend : "loky" or "dask"
         How chunks reach workers when n_jobs > 1 (or always, for dask).
     blas_threads : int
@@ -96,6 +100,13 @@ class Trainer:
         running.
     backend_options : dict, optional
         Extra engine arguments, e.g. {"step_timeout": 600} for dask.
+
+    Attributes
+    ----------
+    checkpoint_claim : runlock.CheckpointClaim or None
+        The claim on `checkpoint` while `fit` runs. Set it to a claim you already hold on
+        that path (the command line claims it before loading data) and `fit` uses it instead
+        of claiming the path itself; releasing it is then yours.
 
     Examples
     --------
@@ -150,6 +161,7 @@ class Trainer:
         self.step_in_epoch = 0  # steps of `epoch` already applied
         self._partial = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
         self.stop_training = False
+        self.checkpoint_claim: CheckpointClaim | None = None
         self._engine = None
         self._engine_finalizer = None
         self._guard = _InterruptGuard()
@@ -240,7 +252,7 @@ class Trainer:
         if len(X) == 0:
             raise ValueError("`X` must hold at least one training example, got 0.")
         X, y = np.ascontiguousarray(X), np.ascontiguousarray(y)
-        with self._guard, self._blas_limit():
+        with self._guard, self._checkpoint_claimed(), self._blas_limit():
             try:
                 self._grad = np.empty_like(self.model.params)
                 self.engine.bind(X, y)
@@ -355,12 +367,26 @@ class Trainer:
                 "lr_schedule": self.lr_schedule.config(), "base_lr": self.base_lr,
                 "shuffle": self._shuffle}
 
+    @contextlib.contextmanager
+    def _checkpoint_claimed(self):
+        """Hold the claim on `checkpoint` for the block, unless `checkpoint_claim` has it."""
+        claim = self.checkpoint_claim
+        if self.checkpoint is None or (claim is not None and claim.covers(self.checkpoint)):
+            yield
+            return
+        with CheckpointClaim(self.checkpoint) as self.checkpoint_claim:
+            try:
+                yield
+            finally:
+                self.checkpoint_claim = None
+
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
         """Write everything needed to resume bit-for-bit to one `.npz`, atomically.
 
         Holds params, buffers, optimizer state, epoch, step within the epoch, the partial sums
         of an interrupted epoch, history, model, optimizer and trainer config. Random draws are
-        keyed by (seed, epoch, step), so those also fix the RNG position.
+        keyed by (seed, epoch, step), so those also fix the RNG position. A path that another
+        live run has claimed is refused (`runlock.CheckpointInUseError`), not overwritten.
         """
         state = self.optimizer.state_dict()
         arrays = {"params": self.model.params, "buffers": self.model.buffers}
@@ -376,12 +402,39 @@ class Trainer:
             "partial": self._partial,
             "history": self.history.history,
         }
-        return write_npz(path, "checkpoint", meta, arrays)
+        claim = self.checkpoint_claim
+        held = claim is not None and claim.covers(path)
+        with contextlib.nullcontext() if held else CheckpointClaim(path):
+            return write_npz(path, "checkpoint", meta, arrays)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, **overrides) -> Trainer:
         """Rebuild model, optimizer and trainer state from a checkpoint; `overrides` set
-        run-time options (n_jobs, progress, checkpoint, backend, ...)."""
+        run-time options (n_jobs, progress, checkpoint, backend, ...).
+
+        Raises
+        ------
+        TypeError
+            A keyword that is not a Trainer argument (checked before the file is read).
+        ValueError
+            An override of what defines the run (model, optimizer, batch_size, chunk_size,
+            seed, lr_schedule), or an invalid override value.
+        FileNotFoundError, FileFormatError
+            No such file, or not a complete partrain checkpoint.
+        """
+        arguments = set(inspect.signature(cls).parameters)
+        unknown = sorted(set(overrides) - arguments)
+        if unknown:
+            raise TypeError(
+                f"from_checkpoint() got unexpected keyword argument(s) {unknown}; the run-time "
+                f"options are {sorted(arguments - _RUN_DEFINING)}."
+            )
+        fixed = sorted(_RUN_DEFINING & set(overrides))
+        if fixed:
+            raise ValueError(
+                f"{fixed} cannot change on resume: they define the run "
+                "(use a fresh Trainer to start a different one)."
+            )
         meta, arrays = read_npz(path, "checkpoint")
         try:
             model = model_from_arrays(meta, arrays, str(path))
@@ -391,25 +444,22 @@ class Trainer:
                  **{k[6:]: v for k, v in arrays.items() if k.startswith("optim.")}},
                 n_params=model.n_params)
             cfg = meta["trainer"]
-            fixed = {"batch_size", "chunk_size", "seed", "lr_schedule"} & set(overrides)
-            if fixed:
-                raise ValueError(
-                    f"{sorted(fixed)} cannot change on resume: they define the run "
-                    "(use a fresh Trainer to start a different one)."
-                )
-            trainer = cls(model, optimizer, batch_size=cfg["batch_size"],
-                          chunk_size=cfg["chunk_size"], seed=cfg["seed"],
-                          lr_schedule=schedule_from_config(cfg["lr_schedule"]), **overrides)
-            trainer.base_lr = cfg["base_lr"]
-            trainer._shuffle = cfg["shuffle"]
-            trainer.epoch, trainer.step_in_epoch = meta["epoch"], meta["step_in_epoch"]
-            trainer._partial = dict(meta["partial"])
-            trainer.history = History(meta["history"])
+            run = {"batch_size": cfg["batch_size"], "chunk_size": cfg["chunk_size"],
+                   "seed": cfg["seed"], "lr_schedule": schedule_from_config(cfg["lr_schedule"])}
+            state = {"base_lr": cfg["base_lr"], "_shuffle": cfg["shuffle"],
+                     "epoch": meta["epoch"], "step_in_epoch": meta["step_in_epoch"],
+                     "_partial": dict(meta["partial"]), "history": History(meta["history"])}
         except (KeyError, TypeError) as exc:
             raise FileFormatError(
                 f"'{path}' is not a complete partrain checkpoint (missing {exc})."
             ) from None
+        trainer = cls(model, optimizer, **run, **overrides)
+        for name, value in state.items():
+            setattr(trainer, name, value)
         return trainer
+
+
+_RUN_DEFINING = {"model", "optimizer", "batch_size", "chunk_size", "seed", "lr_schedule"}
 
 
 def _as_schedule(lr_schedule):
@@ -432,8 +482,9 @@ class _InterruptGuard:
     Raising from the handler itself could interrupt any line, including a lock acquisition
     inside the process pool's bookkeeping (a deadlock seen with loky's manager thread), or an
     optimizer update half applied. A signal recorded but not yet checked when the guard ends
-    is raised then. Signals the process ignores (e.g. SIGINT of a background job) stay
-    ignored; outside the main thread nothing is installed.
+    is raised then. The guard stands in for the default or Python handlers in place (the
+    command line's, say) and gives them back after; signals the process ignores (e.g. SIGINT
+    of a background job) stay ignored; outside the main thread nothing is installed.
     """
 
     def __init__(self):
@@ -443,9 +494,9 @@ class _InterruptGuard:
     def __enter__(self) -> _InterruptGuard:
         self.pending = None
         if threading.current_thread() is threading.main_thread():
-            for signum, default in ((signal.SIGINT, signal.default_int_handler),
-                                    (signal.SIGTERM, signal.SIG_DFL)):
-                if signal.getsignal(signum) is default:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                handler = signal.getsignal(signum)
+                if handler is signal.SIG_DFL or callable(handler):  # not ignored, not C-level
                     self._previous[signum] = signal.signal(signum, self._record)
         return self
 
