@@ -2,13 +2,15 @@
 
 Every engine cuts a minibatch into chunks whose size never depends on the number of workers,
 computes each chunk's summed loss and gradient with `compute_chunk`, and adds the chunk
-gradients up *in chunk order* with `reduce_in_order`. Random draws are keyed by (step key,
-chunk index). So the result is bit-for-bit the same whichever engine, and however many
-processes, computed it.
+gradients up along a pairwise tree fixed by the chunk indices (`reduce_tree`): whoever makes
+an addition, its operands are the same. Random draws are keyed by (step key, chunk index).
+So the result is bit-for-bit the same whichever engine, and however many processes,
+computed it.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import time
 from collections.abc import Callable
@@ -21,6 +23,9 @@ from .model import Sequential
 
 MIN_CHUNK_FLOPS = 30e6  # below this a chunk's matmuls get too small to run efficiently
 MIN_CHUNK_EXAMPLES = 16  # mnist_cnn: 8-example chunks ran 15-35% slower per example than 16
+# The smallest chunk whose per-example cost stays within 5 % of the cheapest chunk size, per
+# zoo network (float32, one BLAS thread): `python scripts/chunk_efficiency.py`.
+MEASURED_CHUNKS = {"mnist-cnn": 16, "signs-cnn": 8, "mlp": 64, "digits-cnn": 32}
 
 
 class WorkerCrashError(RuntimeError):
@@ -61,16 +66,40 @@ def chunks_per_step(batch_size: int, chunk_size: int) -> int:
     return -(-batch_size // chunk_size)
 
 
+def _architecture(model: Sequential) -> tuple:
+    """What decides a model's speed per example: input shape and layers (not seed, dtype)."""
+    config = model.config()
+    return tuple(config["input_shape"]), repr(config["layers"])
+
+
+@functools.cache
+def _measured_chunks() -> dict[tuple, int]:
+    """MEASURED_CHUNKS keyed by the architecture of each zoo network."""
+    from . import zoo
+
+    return {_architecture(zoo.get(name)): size for name, size in MEASURED_CHUNKS.items()}
+
+
+def efficient_chunk(model: Sequential) -> int:
+    """The smallest chunk that runs (nearly) as fast per example as any larger one.
+
+    Measured for the zoo networks (MEASURED_CHUNKS); for other models, modelled from the
+    FLOPs: at least MIN_CHUNK_FLOPS of work and MIN_CHUNK_EXAMPLES examples per chunk.
+    """
+    size = _measured_chunks().get(_architecture(model))
+    if size is not None:
+        return size
+    return max(MIN_CHUNK_EXAMPLES, -(-int(MIN_CHUNK_FLOPS) // max(model.flops_per_example(), 1)))
+
+
 def default_chunk_size(model: Sequential, batch_size: int) -> int:
     """Examples per chunk: a function of the model and batch size, NEVER of n_jobs.
 
-    A batch is cut into up to 4 equal chunks (so 1, 2 and 4 processes share it evenly), but
-    into fewer when a chunk would carry less than MIN_CHUNK_FLOPS of work or fewer than
-    MIN_CHUNK_EXAMPLES examples: small matmuls run slowly (measured for the MLP: 8 us per
-    example in chunks of 64, 19 in chunks of 16, 56 in chunks of 8).
+    The batch is cut into as many equal chunks as it holds efficient ones, so a larger batch
+    gives more chunks, hence work for more processes (mnist_cnn: 2 chunks at batch 32, 16 at
+    256), while no chunk gets so small that its matmuls slow down.
     """
-    work = batch_size * max(model.flops_per_example(), 1)
-    n_chunks = int(max(1, min(4, work // MIN_CHUNK_FLOPS, batch_size // MIN_CHUNK_EXAMPLES)))
+    n_chunks = max(1, batch_size // efficient_chunk(model))
     return -(-batch_size // n_chunks)
 
 
@@ -85,6 +114,11 @@ def split_evenly(items: list, n_groups: int) -> list[list]:
 def step_groups(n_examples: int, chunk_size: int, n_groups: int) -> list[list]:
     """The (chunk id, bounds) groups of one step, one per computing process, in chunk order."""
     return split_evenly(list(enumerate(plan_chunks(n_examples, chunk_size))), n_groups)
+
+
+def chunk_range(group: list) -> tuple[int, int]:
+    """The chunk indices [first, last + 1) of a group from `step_groups`."""
+    return group[0][0], group[-1][0] + 1
 
 
 def keep_freed_memory() -> bool:
@@ -172,12 +206,37 @@ def compute_group(model: Sequential, params: np.ndarray, X: np.ndarray, y: np.nd
                                    grad_slots[k], stats_slots[k] if has_stats else None)
 
 
-def reduce_in_order(slots: np.ndarray, n: int, out: np.ndarray) -> np.ndarray:
-    """out = ((slot0 + slot1) + slot2) + ...: a fixed order, so a fixed rounding."""
-    out[...] = slots[0]
-    for k in range(1, n):
-        out += slots[k]
-    return out
+def tree_pairs(n_chunks: int) -> list[tuple[int, int, int]]:
+    """The additions of the fixed pairwise tree over chunk indices, bottom-up.
+
+    Node (width w, first chunk a) covers chunks [a, min(a + w, n)); it is its left child plus
+    its right child (first chunk a + w/2), and its value is kept in slot a. Each entry
+    (left, right, stop) means slot[left] += slot[right], covering chunks [left, stop). The
+    tree depends on n_chunks only, so the rounding of the sum is fixed whoever adds what.
+    """
+    pairs, width = [], 1
+    while width < n_chunks:
+        for left in range(0, n_chunks, 2 * width):
+            if left + width < n_chunks:
+                pairs.append((left, left + width, min(left + 2 * width, n_chunks)))
+        width *= 2
+    return pairs
+
+
+def reduce_tree(slots: np.ndarray, n_chunks: int, inside: tuple[int, int] | None = None,
+                done: list[tuple[int, int]] = ()) -> None:
+    """Add up slots[:n_chunks] along `tree_pairs` in place; the total ends in slots[0].
+
+    `inside=(a, b)`: only the additions whose chunks all lie in [a, b) (what the process that
+    computed those chunks can do on its own). `done`: ranges whose inside additions were made
+    already (by their processes); the rest are made here.
+    """
+    for left, right, stop in tree_pairs(n_chunks):
+        if inside is not None:
+            if inside[0] <= left and stop <= inside[1]:
+                slots[left] += slots[right]
+        elif not any(a <= left and stop <= b for a, b in done):
+            slots[left] += slots[right]
 
 
 # ----------------------------------------------------------------------------- engines
@@ -197,6 +256,7 @@ class Engine:
     """
 
     n_processes = 1  # processes that compute a full step's chunks
+    _reduced_ranges: list[tuple[int, int]] = []  # chunk ranges whose tree additions _run made
 
     def __init__(self, model: Sequential, chunk_size: int,
                  check_interrupt: Callable[[], None] | None = None):
@@ -227,7 +287,8 @@ class Engine:
         t0 = time.perf_counter()
         busy = self._run(batch_idx, chunks, step_key)
         t1 = time.perf_counter()
-        reduce_in_order(self._grad_slots, len(chunks), out)
+        reduce_tree(self._grad_slots, len(chunks), done=self._reduced_ranges)
+        out[...] = self._grad_slots[0]
         stats = None
         if self.model.buffers.size:
             weights = np.array([stop - start for start, stop in chunks], dtype=out.dtype)

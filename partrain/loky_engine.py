@@ -2,7 +2,9 @@
 
 `n_processes` processes compute: the master and n_processes - 1 loky workers. Each step's
 chunks are split into contiguous groups, one per process (`chunks.step_groups`); the master
-computes group 0 while worker r computes group r. Every worker runs ONE long task per session
+computes group 0 while worker r computes group r, and each process makes the additions of the
+gradient tree (`chunks.reduce_tree`) that lie within its group, so the master only joins one
+partial sum per process. Every worker runs ONE long task per session
 (`serve`, below) that polls a shared control block for the next step, so a step costs no
 pickling, no pipe and no thread hand-off: the master copies the parameters and writes the
 batch indices and step key into shared memory, bumps a counter, computes its own group and
@@ -32,9 +34,11 @@ import numpy as np
 from .chunks import (
     Engine,
     WorkerCrashError,
+    chunk_range,
     chunks_per_step,
     compute_group,
     keep_freed_memory,
+    reduce_tree,
     step_groups,
     worker_imports,
 )
@@ -128,6 +132,8 @@ def serve(spec: SessionSpec, rank: int) -> None:
                 compute_group(model, views["params"], views["X"], views["y"],
                               views["batch_idx"], groups[rank], step_key, views["grad_slots"],
                               views["stats_slots"], views["chunk_results"])
+                reduce_tree(views["grad_slots"], sum(map(len, groups)),
+                            inside=chunk_range(groups[rank]))
             views["busy"][rank] = time.perf_counter() - t0
             fence()
             control[DONE + rank] = done
@@ -346,6 +352,9 @@ class LokyEngine(Engine):
             compute_group(model, model.params, views["X"], views["y"], views["batch_idx"],
                           groups[0], step_key, self._grad_slots, self._stats_slots,
                           self._chunk_results)
+            n_chunks = sum(map(len, groups))
+            reduce_tree(self._grad_slots, n_chunks, inside=chunk_range(groups[0]))
+            self._reduced_ranges = [chunk_range(group) for group in groups]
             views["busy"][0] = time.perf_counter() - t0
             if seq is not None:
                 done = self._control[DONE + 1:]

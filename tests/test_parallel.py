@@ -15,9 +15,11 @@ from partrain import loky_engine, zoo
 from partrain.chunks import (
     SerialEngine,
     default_chunk_size,
+    efficient_chunk,
     plan_chunks,
-    reduce_in_order,
+    reduce_tree,
     split_evenly,
+    tree_pairs,
 )
 from partrain.loky_engine import LokyEngine
 from partrain.parallel import plan_processes, resolve_n_jobs
@@ -109,6 +111,27 @@ def test_default_chunk_size_splits_expensive_batches():
     assert default_chunk_size(zoo.mnist_cnn(), 256) < 256
 
 
+@pytest.mark.parametrize("make_model", [zoo.mnist_cnn, zoo.signs_cnn, zoo.mlp, zoo.digits_cnn],
+                         ids=["mnist_cnn", "signs_cnn", "mlp", "digits_cnn"])
+def test_the_number_of_chunks_grows_with_the_batch(make_model):
+    """Chunks stay at the network's efficient size, so batch 4x larger = 4x more chunks
+    (not capped at 4 as before): more processes can share a large batch."""
+    model = make_model()
+    chunk = efficient_chunk(model)
+    for batch in (chunk * 4, chunk * 16, chunk * 64):
+        assert default_chunk_size(model, batch) == chunk
+    assert default_chunk_size(model, chunk * 16 + 3) >= chunk  # never below the efficient size
+
+
+def test_efficient_chunk_of_an_unknown_model_comes_from_its_flops():
+    """A network not in the zoo: enough examples for MIN_CHUNK_FLOPS, and at least 16."""
+    from partrain.chunks import MIN_CHUNK_EXAMPLES, MIN_CHUNK_FLOPS
+
+    tiny, big = zoo.mlp(dims=(8, 4, 3)), zoo.mlp(dims=(4096, 2048, 10))
+    assert efficient_chunk(tiny) == -(-int(MIN_CHUNK_FLOPS) // tiny.flops_per_example())
+    assert efficient_chunk(big) == MIN_CHUNK_EXAMPLES
+
+
 @pytest.mark.parametrize("n_jobs, batch_size, chunk_size, processes", [
     (1000, 32, 16, 2), (2, 32, 32, 1), (3, 40, 10, 3), (1, 64, 16, 1), (8, 7, 2, 4),
     (2, 33, 16, 2),
@@ -137,20 +160,69 @@ def test_plan_notes_say_what_runs_and_how_to_split(monkeypatch):
 # ----------------------------------------------------------------------------- reduction
 
 
-@pytest.mark.parametrize("n", [1, 2, 5])
-def test_reduce_in_order_is_a_left_to_right_float32_sum(n):
-    """out == ((s0 + s1) + s2) + ... bit for bit; slots beyond n are ignored."""
+def naive_tree_sum(slots, n):
+    """The pairwise tree written as a recursion over aligned power-of-two blocks."""
+    def node(first, width):
+        if width == 1:
+            return slots[first].copy()
+        half = width // 2
+        if first + half >= n:  # no right child: the node is its left child
+            return node(first, half)
+        return (node(first, half) + node(first + half, half)).astype(slots.dtype)
+
+    width = 1
+    while width < n:
+        width *= 2
+    return node(0, width)
+
+
+def random_slots(n, seed):
+    rng = np.random.default_rng(seed)
+    values = rng.normal(size=(n + 2, 257)) * 10.0 ** rng.integers(-8, 8, size=(n + 2, 257))
+    return values.astype(np.float32)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13, 16])
+def test_reduce_tree_is_the_pairwise_float32_sum(n):
+    """slots[0] ends as the pairwise tree sum of slots[:n], bit for bit; slots beyond n and
+    the order of a plain left-to-right sum play no part."""
+    slots = random_slots(n, n)
+    expected = naive_tree_sum(slots, n)
+    tail = slots[n:].copy()
+    reduce_tree(slots, n)
+    np.testing.assert_array_equal(slots[0], expected)
+    np.testing.assert_array_equal(slots[n:], tail)
+    if n >= 4:  # the tree is not the chain ((s0 + s1) + s2) + s3 ...
+        chain = random_slots(n, n)[0].copy()
+        for k in range(1, n):
+            chain += random_slots(n, n)[k]
+        assert not np.array_equal(chain, expected)
+
+
+@pytest.mark.parametrize("n", [2, 5, 8, 16, 23])
+def test_reduce_tree_gives_the_same_bits_whoever_makes_which_additions(n):
+    """Cut the chunks into random contiguous ranges, let each 'process' add up inside its
+    range first, then finish with done=ranges: always the single-process result."""
+    expected = random_slots(n, 7)
+    reduce_tree(expected, n)
     rng = np.random.default_rng(n)
-    slots = (rng.normal(size=(6, 257)) * 10.0 ** rng.integers(-8, 8, size=(6, 257)))
-    slots = slots.astype(np.float32)
-    expected = slots[0].copy()
-    for k in range(1, n):
-        expected = (expected + slots[k]).astype(np.float32)
-    out = np.full(257, np.nan, dtype=np.float32)
-    result = reduce_in_order(slots, n, out)
-    assert result is out
-    assert out.dtype == np.float32
-    np.testing.assert_array_equal(out, expected)
+    for _ in range(5):
+        cuts = sorted(rng.choice(np.arange(1, n), size=rng.integers(0, n - 1), replace=False))
+        ranges = list(zip([0, *cuts], [*cuts, n]))
+        slots = random_slots(n, 7)
+        for inside in ranges[::-1]:  # any order: the ranges do not overlap
+            reduce_tree(slots, n, inside=inside)
+        reduce_tree(slots, n, done=ranges)
+        np.testing.assert_array_equal(slots[0], expected[0])
+
+
+def test_the_master_joins_one_partial_per_process_when_chunks_split_evenly():
+    """16 chunks on 2, 4 or 8 processes: the master's own additions are processes - 1."""
+    for processes in (2, 4, 8):
+        ranges = [(r * 16 // processes, (r + 1) * 16 // processes) for r in range(processes)]
+        outside = [p for p in tree_pairs(16)
+                   if not any(a <= p[0] and p[2] <= b for a, b in ranges)]
+        assert len(outside) == processes - 1
 
 
 # ----------------------------------------------------------------------------- engines

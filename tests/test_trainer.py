@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,6 +31,7 @@ from partrain import (
     Callback,
     EarlyStopping,
     NonFiniteLossError,
+    ParallelismWarning,
     Sequential,
     Trainer,
     WorkerCrashError,
@@ -175,6 +177,28 @@ def test_results_are_identical_for_any_n_jobs(config, n_jobs):
     got = train(config, n_jobs=n_jobs)
     assert got.n_workers == n_jobs - 1  # the master computes a share too
     assert_same_run(got, reference(config))
+
+
+def test_batch_256_gives_the_same_parameters_on_1_2_4_and_8_processes():
+    """16 chunks of 16 per step, shared by 1, 2, 4 or 8 processes (oversubscribed here):
+    every process makes the tree additions inside its group, the master the rest, and the
+    parameters are identical bit for bit."""
+    model = zoo.mlp(dims=(64, 32, 10), dropout=0.2, batchnorm=True, seed=4)
+    X, y = make_data(model, 600, seed=5)
+    finals = []
+    for n_jobs in (1, 2, 4, 8):
+        copy = model.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ParallelismWarning)  # 4 and 8 exceed the cores
+            trainer = Trainer(copy, n_jobs=n_jobs, batch_size=256, chunk_size=16, seed=1,
+                              progress=False)
+        with trainer:
+            trainer.fit(X, y, epochs=1)
+            assert len(trainer.engine.worker_pids()) == n_jobs - 1
+        finals.append((copy.params, copy.buffers))
+    for params, buffers in finals[1:]:
+        np.testing.assert_array_equal(params, finals[0][0])
+        np.testing.assert_array_equal(buffers, finals[0][1])
 
 
 @pytest.mark.parametrize("config", ["mlp", "mlp_dropout"])
