@@ -221,7 +221,7 @@ def _fit_and_finish(args, trainer, data, epochs: int, model_name: str, outputs: 
                       f"{len(data.x_test):,} test) with n_jobs={trainer.n_jobs}, batch "
                       f"{trainer.batch_size}, chunk {trainer.chunk_size}; epochs "
                       f"{trainer.epoch + 1}..{epochs}", file=sys.stderr)
-            for note in trainer.plan.notes(chunk_option="--chunk-size {}"):
+            for note in trainer.plan.notes("--chunk-size {}", "--batch-size {}"):
                 print(f"note: {note}", file=sys.stderr)
             t0 = time.perf_counter()
             with trainer:

@@ -45,8 +45,10 @@ class ProcessPlan(NamedTuple):
     processes: int  # what runs: min(n_jobs, chunks)
     cores: int
     split_chunk_size: int | None  # a chunk size that would give every process work, if any
+    full_batch: int  # the batch that gives min(n_jobs, cores) processes a chunk each
 
-    def notes(self, chunk_option: str = "chunk_size={}") -> list[str]:
+    def notes(self, chunk_option: str = "chunk_size={}", batch_option: str = "batch_size={}"
+              ) -> list[str]:
         """Plain-language warnings about the plan (empty when n_jobs is used as given)."""
         notes = []
         if self.processes < self.n_jobs:
@@ -55,6 +57,9 @@ class ProcessPlan(NamedTuple):
                      else f"{self.processes} processes")
             hint = (f"; use {chunk_option.format(self.split_chunk_size)} to split"
                     if self.split_chunk_size else "")
+            if self.processes < min(self.n_jobs, self.cores):
+                hint += (f" ({batch_option.format(self.full_batch)} would keep "
+                         f"{min(self.n_jobs, self.cores)} processes busy at this chunk size)")
             notes.append(f"n_jobs={self.n_jobs} but {chunks}: running in {where}{hint}")
         if self.processes > self.cores:
             notes.append(f"n_jobs={self.processes} is more than the {self.cores} cores: the "
@@ -71,7 +76,8 @@ def plan_processes(n_jobs: int, batch_size: int, chunk_size: int) -> ProcessPlan
     wanted = min(n_jobs, cores)
     split = -(-batch_size // wanted)
     return ProcessPlan(n_jobs, chunks, processes, cores,
-                       split if processes < wanted and split < chunk_size else None)
+                       split if processes < wanted and split < chunk_size else None,
+                       wanted * chunk_size)
 
 
 def _dask_engine(*args, **kwargs) -> Engine:

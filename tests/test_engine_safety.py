@@ -91,21 +91,25 @@ def test_cli_n_jobs_1000_finishes_and_says_what_runs(tmp_path):
     """`partrain train --n-jobs 1000` (digits, one chunk per step) runs in one process and
     says so; it once did not finish a 0.2 s epoch in 120 s."""
     pytest.importorskip("sklearn", reason="the digits dataset needs scikit-learn")
-    proc = run_partrain("train", "--n-jobs", "1000", "--epochs", "1", "--quiet", cwd=tmp_path,
-                        timeout=60)
+    proc = run_partrain("train", "--n-jobs", "1000", "--chunk-size", "32", "--epochs", "1",
+                        "--quiet", cwd=tmp_path, timeout=60)
     assert_ok(proc)
     assert "note: n_jobs=1000 but 1 chunk per step: running in one process; use --chunk-size 16 "\
            "to split" in proc.stderr
 
 
 def test_a_one_chunk_step_never_starts_an_idle_worker(tmp_path):
-    """n_jobs=2 with one chunk per step (the README's quick start): no pool at all, a
-    warning naming the chunk size that would split the batch; the header says it too."""
+    """n_jobs=2 with one chunk per step (the README's quick start, digits batch 32, as it was
+    chunked): no pool at all, a warning naming the chunk size that would split the batch and
+    the batch that would keep 2 processes busy; the header says it too."""
     pytest.importorskip("sklearn", reason="the digits dataset needs scikit-learn")
-    with pytest.warns(ParallelismWarning, match="use chunk_size=16 to split"):
-        trainer = Trainer(zoo.digits_cnn(), n_jobs=2, batch_size=32, progress=False)
+    with pytest.warns(ParallelismWarning, match=r"use chunk_size=16 to split \(batch_size=64 "
+                                                "would keep 2 processes busy"):
+        trainer = Trainer(zoo.digits_cnn(), n_jobs=2, batch_size=32, chunk_size=32,
+                          progress=False)
     assert trainer.plan.processes == 1 and isinstance(trainer.engine, SerialEngine)
-    proc = run_partrain("train", "--n-jobs", "2", "--epochs", "1", cwd=tmp_path, timeout=60)
+    proc = run_partrain("train", "--n-jobs", "2", "--chunk-size", "32", "--epochs", "1",
+                        cwd=tmp_path, timeout=60)
     assert_ok(proc)
     assert "note: n_jobs=2 but 1 chunk per step: running in one process; use --chunk-size 16 to "\
            "split" in proc.stderr

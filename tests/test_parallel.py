@@ -147,8 +147,9 @@ def test_plan_notes_say_what_runs_and_how_to_split(monkeypatch):
     """On 2 cores: a one-chunk batch names the chunk size that would split it; n_jobs above
     the cores that the chunks allow warns about the cores; a usable n_jobs says nothing."""
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert plan_processes(2, 32, 32).notes("--chunk-size {}") == [
-        "n_jobs=2 but 1 chunk per step: running in one process; use --chunk-size 16 to split"]
+    assert plan_processes(2, 32, 32).notes("--chunk-size {}", "--batch-size {}") == [
+        "n_jobs=2 but 1 chunk per step: running in one process; use --chunk-size 16 to split "
+        "(--batch-size 64 would keep 2 processes busy at this chunk size)"]
     assert plan_processes(1000, 32, 16).notes() == [
         "n_jobs=1000 but 2 chunks per step: running in 2 processes"]
     (cores,) = plan_processes(4, 64, 16).notes()
