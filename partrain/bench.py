@@ -37,6 +37,7 @@ import numpy as np
 
 from . import zoo
 from .chunks import compute_chunk, default_chunk_size, keep_freed_memory, step_groups
+from .loky_engine import children_blas_threads
 from .optim import Adam
 from .parallel import ParallelismWarning, plan_processes, resolve_n_jobs
 from .torch_baselines import time_torch, time_torch_ddp, torch_unavailable_reason
@@ -265,24 +266,15 @@ def bench_ceiling(model_name: str, batch_size: int, n_jobs: int, dtype: str = "f
     processes = plan_processes(n_jobs, batch_size, chunk_size).processes
     context = multiprocessing.get_context("spawn")
     barrier, queue = context.Barrier(processes), context.SimpleQueue()
-    blas = {var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                                 "MKL_NUM_THREADS")}
-    os.environ.update({var: "1" for var in blas})  # the children inherit it at start
-    try:
+    with children_blas_threads(1):
         procs = [context.Process(target=_ceiling_process, daemon=True, args=(
             model_name, dtype, batch_size, chunk_size, processes, rank, repeats, duration,
             warmup, barrier, queue)) for rank in range(processes)]
         for proc in procs:
             proc.start()
-        step_times = dict(queue.get() for _ in procs)
-        for proc in procs:
-            proc.join()
-    finally:
-        for var, value in blas.items():
-            if value is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
+    step_times = dict(queue.get() for _ in procs)
+    for proc in procs:
+        proc.join()
     rates = [batch_size / max(step_times[r][w] for r in step_times) for w in range(repeats)]
     return BenchRow(model=model_name, batch_size=batch_size, n_jobs=n_jobs, dtype=dtype,
                     engine="ceiling", threads=processes, processes=processes,

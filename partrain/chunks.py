@@ -256,7 +256,6 @@ class Engine:
     """
 
     n_processes = 1  # processes that compute a full step's chunks
-    _reduced_ranges: list[tuple[int, int]] = []  # chunk ranges whose tree additions _run made
 
     def __init__(self, model: Sequential, chunk_size: int,
                  check_interrupt: Callable[[], None] | None = None):
@@ -264,6 +263,7 @@ class Engine:
         self.chunk_size = int(chunk_size)
         self.check_interrupt = check_interrupt or _no_interrupt
         self.last_timing: StepTiming | None = None
+        self._reduced_ranges: list[tuple[int, int]] = []  # groups whose additions _run made
 
     def bind(self, X: np.ndarray, y: np.ndarray) -> None:
         """Make (X, y), already validated and cast to the model's dtype, the training set.

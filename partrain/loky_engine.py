@@ -17,6 +17,7 @@ The model's own arrays are never replaced or shared: the engine copies `model.pa
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -58,6 +59,22 @@ RUN, STOP = 0, 1  # commands
 SPIN_SECONDS = 0.01  # a waiting process polls without sleeping this long (see wait_until)
 MAX_NAP_SECONDS = 0.005  # then naps up to this long between polls
 _FENCE = threading.Lock()
+
+
+@contextlib.contextmanager
+def children_blas_threads(threads: int = 1):
+    """Within the block, processes started from this one (spawned: they read the environment
+    before NumPy loads) get `threads` BLAS/OpenMP threads; the environment is restored after."""
+    saved = {var: os.environ.get(var) for var in BLAS_ENV_VARS}
+    os.environ.update({var: str(threads) for var in BLAS_ENV_VARS})
+    try:
+        yield
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
 
 
 def fence() -> None:

@@ -14,6 +14,7 @@ import socket
 import time
 
 from . import zoo
+from .loky_engine import children_blas_threads
 
 
 def torch_unavailable_reason() -> str | None:
@@ -140,16 +141,8 @@ def time_torch_ddp(model_name: str, batch_size: int, n: int, repeats: int, durat
 
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
-    blas = {var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    os.environ.update({var: "1" for var in blas})  # the ranks inherit it at start
-    try:
+    with children_blas_threads(1):  # the ranks read it at start
         mp.start_processes(_ddp_process, args=(n, _free_port(), model_name, batch_size, repeats,
                                                duration, warmup, queue),
                            nprocs=n, start_method="spawn", join=True)
-    finally:
-        for var, value in blas.items():
-            if value is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
     return queue.get()
