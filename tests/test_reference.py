@@ -7,10 +7,13 @@ resumed with straight runs): a bug that every engine shares passes all of them. 
 trainer must reproduce it bit for bit (`np.array_equal` on params, buffers and optimizer state)
 for every number of processes, on Dask, and across checkpoints. Then direct tests of single
 properties: chunks of one step draw different dropout masks, each epoch visits every example
-once in a new order, a short last batch is averaged over its own length.
+once in a new order, a short last batch is averaged over its own length, batch norm folds the
+length-weighted chunk statistics. Last, the data loaders against files made by hand.
 """
 
+import gzip
 import math
+import struct
 
 import numpy as np
 import pytest
@@ -24,6 +27,7 @@ from reference_trainer import (
 )
 
 from partrain import Callback, Context, Sequential, Trainer, optim
+from partrain.data import load_dataset, load_idx_pair
 from partrain.layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
 
 SEED = 5  # the trainer's seed: shuffling and dropout
@@ -222,9 +226,10 @@ def records():
 
 
 def test_chunks_of_one_step_draw_different_dropout_masks(records):
-    """Inputs of ones through Dropout(0.5) show the masks: within each step every chunk has
-    its own, and no mask repeats across the steps and epochs of a run."""
-    model = Sequential([Dropout(0.5), Record("mask"), Dense(3)], (40,), seed=0)
+    """Inputs of ones through Dropout(0.25) show the masks: within each step every chunk has
+    its own, no mask repeats across the steps and epochs of a run, and together they drop a
+    quarter of the values and scale the others by 1 / (1 - 0.25)."""
+    model = Sequential([Dropout(0.25), Record("mask"), Dense(3)], (40,), seed=0)
     X, y = np.ones((24, 40), np.float32), np.arange(24) % 3
     marks = StepMarks()
     Trainer(model, optim.SGD(0.1), batch_size=12, chunk_size=4, seed=SEED,
@@ -232,12 +237,14 @@ def test_chunks_of_one_step_draw_different_dropout_masks(records):
     steps = recorded_steps(marks, "mask")
     assert [len(chunks) for chunks in steps] == [3] * 4
     for chunks in steps:
-        assert all(0.15 < (mask == 0).mean() < 0.85 for mask in chunks)  # it is dropout
         for i in range(len(chunks)):
             for j in range(i):
                 assert not np.array_equal(chunks[i], chunks[j]), "two chunks share a mask"
-    masks = [mask.tobytes() for chunks in steps for mask in chunks]
-    assert len(set(masks)) == len(masks)
+    masks = [mask for chunks in steps for mask in chunks]
+    assert len({mask.tobytes() for mask in masks}) == len(masks)
+    values = np.concatenate([mask.ravel() for mask in masks])  # 1,920 values
+    assert set(np.unique(values)) == {0.0, np.float32(1 / 0.75)}
+    assert 0.20 < (values == 0).mean() < 0.30  # 0.25 +- 5 standard deviations
 
 
 def test_every_epoch_visits_every_example_once_in_a_new_order(records):
@@ -290,3 +297,60 @@ def test_a_short_last_batch_is_averaged_over_its_own_length():
         grad_sum = model.loss_and_grad(after[step], Xb, yb, Context(key=(0,))).grad
         np.testing.assert_allclose(after[step + 1], after[step] - lr * grad_sum / len(Xb),
                                    rtol=1e-12, atol=1e-14)
+
+
+def test_batch_norm_folds_the_length_weighted_mean_of_chunk_statistics():
+    """A first-layer BatchNorm normalises the raw inputs, so its statistics are those of X:
+    after one step of 10 examples in chunks of 4, 4 and 2 (ghost batches), the running mean
+    and variance are momentum * initial + (1 - momentum) * sum_k (n_k / 10) * (chunk mean,
+    unbiased chunk variance)."""
+    model = Sequential([BatchNorm(momentum=0.7), Dense(3)], (5,), seed=0, dtype="float64")
+    rng = np.random.default_rng(6)
+    X = rng.normal(2.0, 3.0, size=(10, 5))
+    Trainer(model, optim.SGD(0.1), batch_size=10, chunk_size=4, progress=False).fit(
+        X, rng.integers(0, 3, size=10), epochs=1, shuffle=False)
+    chunks = [X[0:4], X[4:8], X[8:10]]
+    mean = sum(len(c) / 10 * c.mean(axis=0) for c in chunks)
+    var = sum(len(c) / 10 * c.var(axis=0, ddof=1) for c in chunks)
+    running = {row.name: model.buffers[row.start:row.stop] for row in model.buffer_layout}
+    np.testing.assert_allclose(running["bn1.running_mean"], 0.7 * 0.0 + 0.3 * mean, rtol=1e-12)
+    np.testing.assert_allclose(running["bn1.running_var"], 0.7 * 1.0 + 0.3 * var, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- data loading
+
+
+def hand_written_idx(path, array):
+    """A gzipped IDX file of uint8 values made byte by byte from the format's description:
+    0, 0, type code 0x08, the number of dimensions, each dimension as a big-endian uint32."""
+    assert array.dtype == np.uint8
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.tobytes()))
+    return path
+
+
+def test_hand_written_idx_files_load_as_written(tmp_path):
+    """An MNIST-style pair written by hand loads as the same images (scaled by 1/255, NHWC)
+    and the same labels, each label with its own image."""
+    rng = np.random.default_rng(7)
+    images = rng.integers(0, 256, size=(9, 4, 3), dtype=np.uint8)
+    labels = rng.permutation(9).astype(np.uint8)
+    x, y = load_idx_pair(hand_written_idx(tmp_path / "images.gz", images),
+                         hand_written_idx(tmp_path / "labels.gz", labels))
+    assert x.shape == (9, 4, 3, 1) and x.dtype == np.float32
+    np.testing.assert_array_equal(y, labels)
+    np.testing.assert_allclose(x[..., 0], images / 255.0, rtol=1e-6)
+
+
+def test_standardize_uses_the_training_statistics_for_both_splits(tmp_path):
+    """normalize='standardize': (x - mean) / std per channel, with the mean and std of the
+    TRAINING images applied to the training and the test images alike."""
+    rng = np.random.default_rng(8)
+    x_train, x_test = rng.normal(3.0, 2.0, (20, 4, 4, 2)), rng.normal(-1.0, 5.0, (6, 4, 4, 2))
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=x_train, y_train=np.arange(20) % 3, x_test=x_test,
+             y_test=np.arange(6) % 3)
+    data = load_dataset(f"npz:{path}", normalize="standardize", dtype=np.float64)
+    mean, std = x_train.mean(axis=(0, 1, 2)), x_train.std(axis=(0, 1, 2))
+    np.testing.assert_allclose(data.x_train, (x_train - mean) / std, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(data.x_test, (x_test - mean) / std, rtol=1e-12, atol=1e-12)
