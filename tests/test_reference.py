@@ -228,8 +228,10 @@ def records():
 def test_chunks_of_one_step_draw_different_dropout_masks(records):
     """Inputs of ones through Dropout(0.25) show the masks: within each step every chunk has
     its own, no mask repeats across the steps and epochs of a run, and together they drop a
-    quarter of the values and scale the others by 1 / (1 - 0.25)."""
-    model = Sequential([Dropout(0.25), Record("mask"), Dense(3)], (40,), seed=0)
+    quarter of the values and scale the others by 1 / (1 - 0.25). A second dropout layer
+    drops other values than the first."""
+    model = Sequential([Dropout(0.25), Record("mask"), Dropout(0.25), Record("both"), Dense(3)],
+                       (40,), seed=0)
     X, y = np.ones((24, 40), np.float32), np.arange(24) % 3
     marks = StepMarks()
     Trainer(model, optim.SGD(0.1), batch_size=12, chunk_size=4, seed=SEED,
@@ -245,6 +247,9 @@ def test_chunks_of_one_step_draw_different_dropout_masks(records):
     values = np.concatenate([mask.ravel() for mask in masks])  # 1,920 values
     assert set(np.unique(values)) == {0.0, np.float32(1 / 0.75)}
     assert 0.20 < (values == 0).mean() < 0.30  # 0.25 +- 5 standard deviations
+    for first, both in zip(masks, [x for chunks in recorded_steps(marks, "both") for x in chunks]):
+        assert ((both == 0) >= (first == 0)).all()
+        assert ((both == 0) > (first == 0)).any(), "two dropout layers share a mask"
 
 
 def test_every_epoch_visits_every_example_once_in_a_new_order(records):
