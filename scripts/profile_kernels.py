@@ -79,9 +79,15 @@ def timed(fn, clock) -> float:
 
 
 def interleave(candidates: dict, rounds: int, per_round: int) -> dict:
-    """{name: (median cpu s, median wall s)} of each callable, all alternating every round."""
+    """{name: (median cpu s, median wall s, paired ratio)} of callables alternating per round.
+
+    The paired ratio is the median over rounds of (first candidate's round median / this
+    one's): the host's load drifts slowly, so rounds compare like with like. It comes as
+    (median, lower quartile, upper quartile); > 1 means faster than the first candidate.
+    """
     cpu = {k: [] for k in candidates}
     wall = {k: [] for k in candidates}
+    per_round_cpu = {k: [] for k in candidates}
     names = list(candidates)
     for fn in candidates.values():  # warm-up: first-touch page faults, lazy imports
         for _ in range(3):
@@ -90,13 +96,22 @@ def interleave(candidates: dict, rounds: int, per_round: int) -> dict:
         order = names if r % 2 == 0 else names[::-1]
         for k in order:
             fn = candidates[k]
+            times = []
             for _ in range(per_round):
                 w0, c0 = time.perf_counter(), time.thread_time()
                 fn()
                 c1, w1 = time.thread_time(), time.perf_counter()
-                cpu[k].append(c1 - c0)
+                times.append(c1 - c0)
                 wall[k].append(w1 - w0)
-    return {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in names}
+            cpu[k] += times
+            per_round_cpu[k].append(statistics.median(times))
+    out = {}
+    for k in names:
+        ratios = sorted(a / b for a, b in zip(per_round_cpu[names[0]], per_round_cpu[k]))
+        q = len(ratios) // 4
+        out[k] = (statistics.median(cpu[k]), statistics.median(wall[k]),
+                  (statistics.median(ratios), ratios[q], ratios[-1 - q]))
+    return out
 
 
 # ----------------------------------------------------------------------------- steps
@@ -172,10 +187,11 @@ def run_ab(args) -> None:
                 res = interleave(cands, args.rounds, args.per_round)
                 what = "+adam" if with_adam else "fwd+bwd"
                 print(f"{config} chunk {m} {what}:")
-                ref = res.get(f"base {args.baseline}", res["new"])[0]
-                for label, (c, w) in res.items():
+                first = next(iter(res))
+                for label, (c, w, (r, lo, hi)) in res.items():
                     print(f"  {label:22s} {m / c:9.0f} ex/s cpu ({m / w:9.0f} wall)  "
-                          f"{1e6 * c / m:7.2f} us/ex  x{ref / c:5.3f} vs base")
+                          f"{1e6 * c / m:7.2f} us/ex  x{r:5.3f} [{lo:5.3f}-{hi:5.3f}] "
+                          f"vs {first}")
                 sys.stdout.flush()
 
 
@@ -183,35 +199,46 @@ def run_ab(args) -> None:
 
 
 def layer_profile(package, model_name: str, m: int, rounds: int, per_round: int) -> dict:
-    """{'<layer> fwd' / '<layer> bwd' / 'loss' / 'step': median cpu s} via the layer API."""
+    """{'<layer> fwd' / '<layer> bwd' / 'loss+rest' / 'step': median cpu s per step}.
+
+    Timed inside real steps: each layer's forward and backward is wrapped by a timer on the
+    model instance (caches, memory and BLAS state as in training, unlike a layer timed alone
+    on warm inputs). 'loss+rest' is the step minus its layers.
+    """
     model = package.zoo.get(model_name)
-    Fp = package.functional
     rng = np.random.default_rng(0)
     X = rng.random((m, *model.input_shape), dtype=np.float32)
     y = rng.integers(0, model.n_classes, m)
     ctx = package.layers.Context(training=True, key=(0,))
-    p = model.unpack(model.params)
     grad = np.zeros_like(model.params)
-    g = model.unpack(grad)
-    acts, caches = [X], []
-    for i, layer in enumerate(model.layers):
-        a, c = layer.forward(p[i], acts[-1], ctx, i)
-        acts.append(a)
-        caches.append(c)
-    _, dz = Fp.softmax_cross_entropy(acts[-1], y, reduction="sum")
-    first = getattr(model, "_first_trainable", 0)
-    dys = {}
-    for i in range(len(model.layers) - 1, first - 1, -1):
-        dys[i] = dz
-        dz = model.layers[i].backward(p[i], caches[i], dz, g[i], i > first)
-    cands = {"step": lambda: model.loss_and_grad_unchecked(model.params, X, y, ctx, grad)}
-    for i, (name, layer) in enumerate(zip(model.names, model.layers)):
-        cands[f"{name} fwd"] = (lambda i=i, layer=layer: layer.forward(p[i], acts[i], ctx, i))
-        if i in dys:
-            cands[f"{name} bwd"] = (lambda i=i, layer=layer:
-                                    layer.backward(p[i], caches[i], dys[i], g[i], i > first))
-    cands["loss"] = lambda: Fp.softmax_cross_entropy(acts[-1], y, reduction="sum")
-    return {k: v[0] for k, v in interleave(cands, rounds, per_round).items()}
+    acc: dict = {}
+
+    def timed_method(name, method):
+        def wrapper(*args):
+            t0 = time.thread_time()
+            out = method(*args)
+            acc[name] = acc.get(name, 0.0) + time.thread_time() - t0
+            return out
+        return wrapper
+
+    for name, layer in zip(model.names, model.layers):
+        layer.forward = timed_method(f"{name} fwd", layer.forward)
+        layer.backward = timed_method(f"{name} bwd", layer.backward)
+    samples: dict = {}
+    for r in range(rounds + 1):
+        for _ in range(per_round):
+            acc.clear()
+            t0 = time.thread_time()
+            model.loss_and_grad_unchecked(model.params, X, y, ctx, grad)
+            step = time.thread_time() - t0
+            if r:  # round 0 warms up
+                samples.setdefault("step", []).append(step)
+                samples.setdefault("loss+rest", []).append(step - sum(acc.values()))
+                for k, v in acc.items():
+                    samples.setdefault(k, []).append(v)
+    order = ["step"] + [f"{n} {d}" for d in ("fwd", "bwd") for n in
+                        (model.names if d == "fwd" else model.names[::-1])] + ["loss+rest"]
+    return {k: statistics.median(samples[k]) for k in order if k in samples}
 
 
 def mnist_ops(m: int) -> dict:
@@ -267,14 +294,10 @@ def run_layers(args) -> None:
             cells = "  ".join(f"{1e6 * prof[k] / m:14.2f}" if k in prof else " " * 14
                               for prof in profiles.values())
             print(f"  {k:16s} {cells}")
-        total = {label: sum(v for k, v in prof.items() if k != "step")
-                 for label, prof in profiles.items()}
-        print(f"  {'sum of parts':16s} " + "  ".join(f"{1e6 * t / m:14.2f}"
-                                                   for t in total.values()))
         if args.model == "mnist_cnn":
             ops = interleave(mnist_ops(m), args.rounds, args.per_round)
             print(f"  operations of this checkout, chunk {m}:")
-            for k, (c, _) in ops.items():
+            for k, (c, _, _) in ops.items():
                 print(f"    {k:18s} {1e6 * c / m:8.2f}")
         sys.stdout.flush()
 
@@ -289,7 +312,7 @@ def main() -> None:
     ab.add_argument("--chunks", nargs="+", type=int)
     ab.add_argument("--rounds", type=int, default=30)
     ab.add_argument("--per-round", type=int, default=10)
-    lay = sub.add_parser("layers", help="per-layer and per-operation profile")
+    lay = sub.add_parser("layers", help="per-layer (in-step) and per-operation profile")
     lay.add_argument("--model", default="mnist_cnn", choices=list(CONFIGS))
     lay.add_argument("--baseline", help="git revision profiled beside this checkout")
     lay.add_argument("--chunks", nargs="+", type=int)
