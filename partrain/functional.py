@@ -113,6 +113,40 @@ def _banded_kernel(W: np.ndarray, tile: int, stride: int) -> np.ndarray:
     return band.reshape(f * t_in * n_C_prev, tile * n_C)
 
 
+def row_cols(A_prev: np.ndarray, f: int, tile: int, n_W: int, pad_rows: int,
+             pad_left: int) -> np.ndarray:
+    """(m, H, W, C) -> (m, H + 2 pad_rows, n_tiles, tin * C): in every image row, the
+    tin = tile + f - 1 input columns of each tile of `tile` output columns (stride 1).
+
+    The image is shifted by `pad_rows` zero rows (above and below) and `pad_left` zero
+    columns, and zero-filled on the right as far as the n_tiles = ceil(n_W / tile) tiles
+    reach. An im2col along the width only: each image row stays one row of the result, so
+    it copies f times less than `im2col`, and a convolution takes one matmul per kernel row.
+    """
+    m, H, W, C = A_prev.shape
+    n_tiles = -(-n_W // tile)
+    t_in = tile + f - 1
+    rows, width = H + 2 * pad_rows, (n_tiles - 1) * tile + t_in
+    X = A_prev
+    if pad_rows or pad_left or width != W or not X.flags.c_contiguous:
+        X = np.zeros((m, rows, width, C), dtype=A_prev.dtype)
+        X[:, pad_rows:pad_rows + H, pad_left:pad_left + W] = A_prev
+    sm, sh, sw, sc = X.strides
+    tiles = np.ndarray((m, rows, n_tiles, t_in * C), X.dtype, buffer=X,
+                       strides=(sm, sh, sw * tile, sc))
+    return tiles.copy()
+
+
+def row_bands(K: np.ndarray, tile: int) -> np.ndarray:
+    """K (f, f, C_in, C_out) as f width bands (f, tin * C_in, tile * C_out), one per kernel
+    row: band di maps the tin input columns of a `row_cols` tile to its `tile` outputs."""
+    f, _, n_in, n_out = K.shape
+    band = np.zeros((f, tile + f - 1, n_in, tile, n_out), dtype=K.dtype)
+    for j in range(tile):
+        band[:, j:j + f, :, j, :] = K
+    return band.reshape(f, (tile + f - 1) * n_in, tile * n_out)
+
+
 def _check_conv(A_prev: np.ndarray, W: np.ndarray) -> None:
     _check_rank("A_prev", A_prev, 4, "(m, n_H_prev, n_W_prev, n_C_prev)")
     _check_rank("W", W, 4, "(f, f, n_C_prev, n_C)")
@@ -185,10 +219,43 @@ def conv_weight_grad(dZ: np.ndarray, cols: np.ndarray, W_shape: tuple, stride: i
         dZ = padded
     d_band = (dZ.reshape(-1, tile * n_C).T @ cols).T  # (N, rows) @ (rows, K): the faster way
     d_band = d_band.reshape(f, (tile - 1) * stride + f, n_C_prev, tile, n_C)
+    return _fold_band(d_band, stride), bias_grad(dZ)
+
+
+def conv_weight_grad_rows(dZ: np.ndarray, A_prev: np.ndarray, W_shape: tuple, pad: int,
+                          tile: int | None = None) -> tuple:
+    """(dW, db) of a stride-1 convolution from dZ (m, n_H, n_W, C) and its input A_prev.
+
+    Kernel row by kernel row, with X = row_cols(A_prev): the band of row di is the sum over
+    examples e of X[e, di:di + n_H]^T @ dZ_tiles[e], every (kernel row, example) pair in one
+    numpy-batched matmul. No full im2col is kept from the forward pass. Measured on mnist_cnn
+    (chunks 16-32): conv2 1.5-1.7x and conv1 1.3-1.6x faster than `conv_weight_grad` with
+    native OpenBLAS kernels (SkylakeX), 0.85-0.95x and 0.8x with forced Haswell kernels.
+    """
+    m, n_H, n_W, n_C = dZ.shape
+    f, _, n_C_prev, _ = W_shape
+    tile = tile_width(n_W, f, 1, n_C) if tile is None else tile
+    X = row_cols(A_prev, f, tile, n_W, pad, pad)  # (m, n_H + f - 1, n_tiles, K), contiguous
+    n_tiles, K = X.shape[2], X.shape[3]
+    if n_tiles * tile != n_W:  # the ragged last tile's missing columns have no gradient
+        padded = np.zeros((m, n_H, n_tiles * tile, n_C), dtype=dZ.dtype)
+        padded[:, :, :n_W] = dZ
+        dZ = padded
+    sm, sh, st, sk = X.strides  # kernel row di's inputs start di image rows down
+    X_rows = np.ndarray((f, m, n_H * n_tiles, K), X.dtype, buffer=X, strides=(sh, sm, st, sk))
+    d_band = np.matmul(X_rows.transpose(0, 1, 3, 2), dZ.reshape(m, n_H * n_tiles, tile * n_C))
+    d_band = d_band.sum(axis=1).reshape(f, tile + f - 1, n_C_prev, tile, n_C)
+    return _fold_band(d_band, 1), bias_grad(dZ)
+
+
+def _fold_band(d_band: np.ndarray, stride: int) -> np.ndarray:
+    """dW (f, f, C_prev, C) from a band's gradient (f, tin, C_prev, tile, C): the band repeats
+    W once per output column of a tile, so W's gradient sums those copies."""
+    f, tile = d_band.shape[0], d_band.shape[3]
     dW = d_band[:, 0:f, :, 0, :].copy()
-    for j in range(1, tile):  # the band repeats W once per output column of a tile
+    for j in range(1, tile):
         dW += d_band[:, j * stride:j * stride + f, :, j, :]
-    return dW, bias_grad(dZ)
+    return dW
 
 
 def bias_grad(dZ: np.ndarray) -> np.ndarray:
@@ -206,10 +273,23 @@ def conv_input_grad(dZ: np.ndarray, W: np.ndarray, input_shape: tuple, stride: i
     f, _, n_C_prev, _ = W.shape
     H_pad, W_pad = input_shape[1] + 2 * pad, input_shape[2] + 2 * pad
     if stride == 1:
-        # The input gradient of a stride-1 convolution is a "full" convolution of dZ with the
-        # kernel flipped in both spatial axes and its channel axes swapped.
-        W_flip = W[::-1, ::-1].transpose(0, 1, 3, 2)
-        dA_pad, _ = conv_forward_cols(dZ, W_flip, None, 1, f - 1)
+        # The input gradient of a stride-1 convolution is a "full" convolution of dZ: kernel
+        # row di sends every row h of dZ, convolved along the width with that kernel row
+        # flipped (channels swapped), to input row h + di. One matmul per kernel row on a
+        # width-only im2col of dZ, then f row-shifted adds of whole image rows (1.35x faster
+        # on mnist_cnn's conv2 than a full im2col of dZ padded by f - 1 on all sides).
+        tile = tile_width(W_pad, f, 1, n_C_prev)
+        X = row_cols(dZ, f, tile, W_pad, 0, f - 1)  # (m, n_H, n_tiles, K)
+        n_tiles = X.shape[2]
+        K_rows = W[:, ::-1].transpose(0, 1, 3, 2)  # per kernel row: columns flipped
+        Y = np.matmul(X.reshape(-1, X.shape[3]), row_bands(K_rows, tile))
+        Y = Y.reshape(f, m, n_H, n_tiles * tile * n_C_prev)
+        dA_pad = np.empty((m, H_pad, n_tiles * tile * n_C_prev), dtype=Y.dtype)
+        dA_pad[:, :n_H] = Y[0]
+        dA_pad[:, n_H:] = 0
+        for di in range(1, f):
+            dA_pad[:, di:di + n_H] += Y[di]
+        dA_pad = dA_pad.reshape(m, H_pad, n_tiles * tile, n_C_prev)
     else:
         # col2im: scatter each kernel offset's share back; overlapping windows accumulate.
         dcols = (dZ.reshape(-1, n_C) @ W.reshape(-1, n_C).T).reshape(m, n_H, n_W, f, f, n_C_prev)
@@ -227,8 +307,12 @@ def conv_backward(
     _check_conv(A_prev, W)
     f, n_C = W.shape[0], W.shape[3]
     n_W = conv_output_shape(A_prev.shape[1:], f, stride, pad, n_C)[1]
-    tile = tile_width(n_W, f, stride, n_C)
-    dW, db = conv_weight_grad(dZ, im2col(A_prev, f, stride, pad, tile), W.shape, stride, tile)
+    if stride == 1:
+        dW, db = conv_weight_grad_rows(dZ, A_prev, W.shape, pad)
+    else:
+        tile = tile_width(n_W, f, stride, n_C)
+        cols = im2col(A_prev, f, stride, pad, tile)
+        dW, db = conv_weight_grad(dZ, cols, W.shape, stride, tile)
     return conv_input_grad(dZ, W, A_prev.shape, stride, pad), dW, db
 
 
