@@ -249,34 +249,36 @@ def mnist_ops(m: int) -> dict:
     W1, b1, W2, b2 = (named[k] for k in ("conv1.W", "conv1.b", "conv2.W", "conv2.b"))
     Wd, bd = named["dense1.W"], named["dense1.b"]
     X = rng.random((m, 28, 28, 1), dtype=np.float32)
-    Z1, c1 = F.conv_forward_cols(X, W1, b1, 1, 0)
-    A1 = F.relu(Z1)
-    Z2, c2 = F.conv_forward_cols(A1, W2, b2, 1, 0)
-    A2 = F.relu(Z2)
+    A1 = F.relu(F.conv_forward(X, W1, b1, 1, 0))
+    A2 = F.relu(F.conv_forward(A1, W2, b2, 1, 0))
     P = F.pool_forward(A2, 2, 2)
     flat = P.reshape(m, -1)
-    dZ2 = rng.standard_normal(Z2.shape, dtype=np.float32)
-    dZ1 = rng.standard_normal(Z1.shape, dtype=np.float32)
+    dZ2 = rng.standard_normal(A2.shape, dtype=np.float32)
+    dZ1 = rng.standard_normal(A1.shape, dtype=np.float32)
     dP = rng.standard_normal(P.shape, dtype=np.float32)
     dD = rng.standard_normal((m, 128), dtype=np.float32)
-    t1 = F.tile_width(24, 5, 1, 8)
-    t2 = F.tile_width(20, 5, 1, 8)
+    t1, t2, t2i = F.tile_width(24, 5, 1, 8), F.tile_width(20, 5, 1, 8), F.tile_width(24, 5, 1, 8)
     return {
         "conv1 im2col": lambda: F.im2col(X, 5, 1, 0, t1),
-        "conv1 fwd (all)": lambda: F.conv_forward_cols(X, W1, b1, 1, 0),
-        "conv1 wgrad": lambda: F.conv_weight_grad(dZ1, c1, W1.shape, 1),
-        "relu1 fwd": lambda: F.relu(Z1),
+        "conv1 fwd (all)": lambda: F.conv_forward(X, W1, b1, 1, 0),
+        "conv1 row_cols": lambda: F.row_cols(X, 5, t1, 24, 0, 0),
+        "conv1 wgrad (all)": lambda: F.conv_weight_grad_rows(dZ1, X, W1.shape, 0),
+        "relu1 fwd": lambda: F.relu(dZ1),
         "relu1 bwd": lambda: F.relu_backward(dZ1, A1),
         "conv2 im2col": lambda: F.im2col(A1, 5, 1, 0, t2),
-        "conv2 fwd (all)": lambda: F.conv_forward_cols(A1, W2, b2, 1, 0),
-        "conv2 wgrad": lambda: F.conv_weight_grad(dZ2, c2, W2.shape, 1),
-        "conv2 igrad": lambda: F.conv_input_grad(dZ2, W2, A1.shape, 1, 0),
-        "relu2 fwd": lambda: F.relu(Z2),
+        "conv2 fwd (all)": lambda: F.conv_forward(A1, W2, b2, 1, 0),
+        "conv2 row_cols": lambda: F.row_cols(A1, 5, t2, 20, 0, 0),
+        "conv2 wgrad (all)": lambda: F.conv_weight_grad_rows(dZ2, A1, W2.shape, 0),
+        "conv2 igrad row_cols": lambda: F.row_cols(dZ2, 5, t2i, 24, 0, 4),
+        "conv2 igrad (all)": lambda: F.conv_input_grad(dZ2, W2, A1.shape, 1, 0),
+        "relu2 fwd": lambda: F.relu(dZ2),
         "relu2 bwd": lambda: F.relu_backward(dZ2, A2),
         "pool fwd": lambda: F.pool_forward(A2, 2, 2),
         "pool bwd": lambda: F.pool_backward(dP, A2, 2, 2, "max", A=P),
         "dense1 fwd": lambda: F.dense_forward(flat, Wd, bd),
         "dense1 bwd": lambda: F.dense_backward(dD, flat, Wd),
+        "loss": lambda: F.softmax_cross_entropy(dD[:, :10], np.zeros(m, dtype=np.int64),
+                                                reduction="sum", check=False),
     }
 
 
