@@ -122,15 +122,20 @@ class Conv2D(Layer):
 
     def forward(self, p, x, ctx, index):
         Z, cols = F.conv_forward_cols(x, p["W"], p["b"], self.stride, self.pad)
-        return Z, (x.shape, cols)
+        # Stride 1: the weight gradient works from x row by row (conv_weight_grad_rows), so
+        # the im2col matrix (f x bigger than x) is dropped here rather than kept for backward.
+        return Z, (x, None if self.stride == 1 else cols)
 
     def backward(self, p, cache, dy, g, need_dx):
-        x_shape, cols = cache
-        dW, db = F.conv_weight_grad(dy, cols, p["W"].shape, self.stride)
+        x, cols = cache
+        if cols is None:
+            dW, db = F.conv_weight_grad_rows(dy, x, p["W"].shape, self.pad)
+        else:
+            dW, db = F.conv_weight_grad(dy, cols, p["W"].shape, self.stride)
         g["W"][...] = dW
         g["b"][...] = db
         if need_dx:
-            return F.conv_input_grad(dy, p["W"], x_shape, self.stride, self.pad)
+            return F.conv_input_grad(dy, p["W"], x.shape, self.stride, self.pad)
         return None
 
     def config(self):

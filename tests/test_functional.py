@@ -139,6 +139,57 @@ def test_tiled_im2col_forward_and_weight_gradient_match_naive(case, tile):
     assert_close(db, db_ref, f"tile {tile} db {case}")
 
 
+STRIDE1_CASES = [c for c in CONV_CASES if c[6] == 1] + [
+    (2, 12, 11, 1, 8, 5, 1, 0),  # like mnist_cnn's conv1: one input channel, 8 filters
+    (1, 10, 9, 8, 8, 5, 1, 0),  # like mnist_cnn's conv2: 8 -> 8 channels
+    (2, 6, 7, 1, 3, 3, 1, 2),  # one input channel, padded
+]
+STRIDE1_IDS = ["m{}_{}x{}_c{}-{}_f{}_s{}_p{}".format(*c) for c in STRIDE1_CASES]
+
+
+@pytest.mark.parametrize("tile", [None, 1, 2, 3, 4, 7])
+@pytest.mark.parametrize("case", STRIDE1_CASES, ids=STRIDE1_IDS)
+def test_row_by_row_weight_gradient_matches_naive(case, tile):
+    """conv_weight_grad_rows (width-only im2col, one band per kernel row, batched over
+    examples) gives the naive dW and db for every tiling, ragged last tiles and padding."""
+    m, H, W, C_prev, C, f, s, p = case
+    rng = rng_for("convrows", case)
+    A, Wt, _ = conv_inputs(rng, m, H, W, C_prev, C, f)
+    dZ = rng.standard_normal((m, naive.out_size(H, f, s, p), naive.out_size(W, f, s, p), C))
+    dW, db = pure(F.conv_weight_grad_rows, dZ, A, Wt.shape, p, tile=tile)
+    _, dW_ref, db_ref = naive.conv_backward(dZ, A, Wt, s, p)
+    assert_close(dW, dW_ref, f"rows dW tile {tile} {case}")
+    assert_close(db, db_ref, f"rows db tile {tile} {case}")
+
+
+@pytest.mark.parametrize("case", STRIDE1_CASES, ids=STRIDE1_IDS)
+def test_stride1_input_gradient_matches_naive(case):
+    """conv_input_grad of stride-1 convolutions (kernel row by kernel row) on odd shapes."""
+    m, H, W, C_prev, C, f, s, p = case
+    rng = rng_for("convig", case)
+    A, Wt, _ = conv_inputs(rng, m, H, W, C_prev, C, f)
+    dZ = rng.standard_normal((m, naive.out_size(H, f, s, p), naive.out_size(W, f, s, p), C))
+    dA = pure(F.conv_input_grad, dZ, Wt, A.shape, s, p)
+    assert_close(dA, naive.conv_backward(dZ, A, Wt, s, p)[0], f"stride-1 dA {case}")
+
+
+def test_conv_layer_float32_matches_float64():
+    """The Conv2D layer's float32 path (forward im2col, row-by-row weight gradient, stride-1
+    input gradient) stays within float32 rounding of the float64 naive loops."""
+    rng = rng_for("conv32")
+    A, Wt, b = conv_inputs(rng, 3, 12, 11, 3, 8, 5)
+    dZ = rng.standard_normal((3, 8, 7, 8))
+    A32, W32, b32, dZ32 = (x.astype(np.float32) for x in (A, Wt, b, dZ))
+    Z = F.conv_forward(A32, W32, b32, 1, 0)
+    dW, db = F.conv_weight_grad_rows(dZ32, A32, W32.shape, 0)
+    dA = F.conv_input_grad(dZ32, W32, A32.shape, 1, 0)
+    dA_ref, dW_ref, db_ref = naive.conv_backward(dZ, A, Wt, 1, 0)
+    for name, got, want in (("Z", Z, naive.conv_forward(A, Wt, b, 1, 0)), ("dW", dW, dW_ref),
+                            ("db", db, db_ref), ("dA", dA, dA_ref)):
+        assert got.dtype == np.float32, name
+        assert_close(got, want, f"float32 {name}", rtol=RTOL32, atol=1e-4)
+
+
 @pytest.mark.parametrize("n_W, f, stride, n_C, expected", [
     (20, 5, 1, 8, 4),  # mnist_cnn conv2: 4 columns of 8 channels -> a 32-wide matmul
     (20, 5, 1, 64, 1),  # wide layers keep the classic im2col
@@ -178,6 +229,7 @@ POOL_CASES = [
     (3, 9, 6, 2, 4, 2),
     (1, 5, 5, 1, 5, 1),  # window == whole image
     (3, 6, 8, 2, 3, 1),  # heavy overlap
+    (2, 5, 7, 3, 2, 2),  # windows side by side, a row and a column left over
 ]
 POOL_IDS = ["m{}_{}x{}_c{}_f{}_s{}".format(*c) for c in POOL_CASES]
 MODES = ["max", "average"]
@@ -330,6 +382,15 @@ def test_relu_and_backward_match_naive(shape):
     assert not got[Z == 0].any()
 
 
+@pytest.mark.parametrize("shape", [(0, 3), (5,), (), (3, 0, 2)])
+def test_relu_edge_shapes(shape):
+    """Scalars, vectors and empty arrays take the plain path and keep shape and dtype."""
+    Z = rng_for("reluedge", shape).standard_normal(shape).astype(np.float32)
+    got = F.relu(Z)
+    assert got.shape == Z.shape and got.dtype == Z.dtype
+    np.testing.assert_array_equal(got, np.maximum(Z, 0))
+
+
 @pytest.mark.parametrize("m,n_in,n_out", [(1, 1, 1), (4, 3, 5), (7, 6, 2)])
 def test_dense_forward_backward_match_naive(m, n_in, n_out):
     """dense_forward / dense_backward equal explicit sums."""
@@ -391,6 +452,16 @@ def test_softmax_cross_entropy_matches_reference(m, K, reduction):
     assert np.ndim(loss) == 0
     np.testing.assert_allclose(float(loss), want_loss, rtol=1e-12)
     assert_close(grad, want_grad, f"dlogits {reduction}", rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_softmax_cross_entropy_unchecked_is_identical(reduction):
+    """check=False (labels validated by the caller) computes exactly the same thing."""
+    logits, labels = ce_inputs(6, 4)
+    loss, grad = F.softmax_cross_entropy(logits, labels, reduction=reduction)
+    loss_u, grad_u = F.softmax_cross_entropy(logits, labels, reduction=reduction, check=False)
+    assert float(loss) == float(loss_u)
+    np.testing.assert_array_equal(grad, grad_u)
 
 
 def test_softmax_cross_entropy_default_is_mean():
