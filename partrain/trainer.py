@@ -295,7 +295,7 @@ class Trainer:
         if validation_split == 0:
             return X, y, None
         X, y = self.model.check_Xy(X, y)
-        split_at = int(math.floor(len(X) * (1.0 - validation_split)))
+        split_at = validation_split_point(len(X), validation_split)
         if split_at == 0 or split_at == len(X):
             raise ValueError(
                 f"`validation_split` {validation_split} of {len(X)} examples leaves "
@@ -575,6 +575,12 @@ class Trainer:
 
 
 _RUN_DEFINING = {"model", "optimizer", "batch_size", "chunk_size", "seed", "lr_schedule"}
+
+
+def validation_split_point(n_examples: int, validation_split: float) -> int:
+    """Keras's rule: the first floor(n * (1 - validation_split)) examples are trained on,
+    the rest validate."""
+    return int(math.floor(n_examples * (1.0 - validation_split)))
 
 
 def _new_partial() -> dict:
