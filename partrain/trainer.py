@@ -347,8 +347,8 @@ class Trainer:
         Raises NonFiniteLossError, without applying anything, when the loss is NaN or inf.
 
         `last_startup_s` is the part of this step spent starting workers: in the first step
-        of a session, the time the master waited beyond the slowest process's compute (the
-        loky pool starts there); 0 otherwise.
+        of a session that has work for them (more than one chunk: the loky pool starts
+        there), the time the master waited beyond the slowest process's compute; 0 otherwise.
         """
         if self._grad is None:
             raise RuntimeError("train_step needs a session: `with trainer.session(X, y): ...`")
@@ -358,7 +358,8 @@ class Trainer:
         self.last_startup_s = 0.0
         if self._fresh_session and timing is not None:
             self.last_startup_s = max(0.0, timing.run - timing.compute_max)
-        self._fresh_session = False
+        self._fresh_session = self._fresh_session and self.plan.processes > 1 and \
+            len(batch_idx) <= self.chunk_size  # a one-chunk step starts no worker
         if not math.isfinite(totals.loss):
             raise NonFiniteLossError(
                 f"The training loss became {totals.loss} at epoch {epoch} step {step}; the "

@@ -478,3 +478,20 @@ def test_from_checkpoint_of_an_old_file_without_callback_state(tmp_path):
     resumed = Trainer.from_checkpoint(path, progress=False)
     resumed.fit(X, y, epochs=1, callbacks=[EarlyStopping("loss")])
     assert resumed.epoch == 2
+
+
+def test_startup_is_found_when_the_first_step_has_one_chunk():
+    """A session whose first step has one chunk (no worker needed) starts the pool at the
+    next step: that one carries the start-up time."""
+    model = zoo.mlp(dims=(8, 6, 3))
+    X = np.random.default_rng(0).random((40, 8)).astype(np.float32)
+    y = np.arange(40) % 3
+    with Trainer(model, n_jobs=2, batch_size=16, chunk_size=8, progress=False) as trainer:
+        with trainer.session(X, y):
+            trainer.train_step(np.arange(8), 0, 0)  # one chunk: the master alone
+            assert trainer.engine.worker_pids() == []
+            trainer.train_step(np.arange(8, 24), 0, 1)  # two chunks: the worker starts
+            first_parallel = trainer.last_startup_s
+            trainer.train_step(np.arange(24, 40), 0, 2)
+            assert trainer.last_startup_s == 0.0
+    assert first_parallel > 0.05, first_parallel
