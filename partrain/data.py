@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import importlib
@@ -320,7 +321,13 @@ def load_dataset(
         name, Path(DEFAULT_DATA_DIR if data_dir is None else data_dir), normalize, out_dtype,
         bool(download), split,
     )
-    return loader(request, **options)
+    dataset = loader(request, **options)
+    if split is not None:  # (loaders without files per split made both: keep one)
+        (x_train, y_train), (x_test, y_test) = _fill_missing_split(
+            {split: (getattr(dataset, f"x_{split}"), getattr(dataset, f"y_{split}"))})
+        dataset = dataclasses.replace(dataset, x_train=x_train, y_train=y_train,
+                                      x_test=x_test, y_test=y_test)
+    return dataset
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:

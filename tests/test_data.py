@@ -618,6 +618,17 @@ def test_npz_in_the_signs_layout_is_a_test_set(tmp_path):
         load_dataset(f"npz:{tmp_path / 's.npz'}")
 
 
+def test_split_leaves_the_other_split_empty_for_every_loader(tmp_path):
+    for name in ("synthetic", save_npz(tmp_path / "d.npz")):
+        test_only = load_dataset(name, split="test")
+        train_only = load_dataset(name, split="train")
+        both = load_dataset(name)
+        assert len(test_only.x_train) == len(train_only.x_test) == 0
+        np.testing.assert_array_equal(test_only.x_test, both.x_test)
+        np.testing.assert_array_equal(train_only.y_train, both.y_train)
+        assert test_only.input_shape == both.input_shape
+
+
 def test_standardize_needs_the_training_split():
     with pytest.raises(ValueError, match="standardize.*training split"):
         load_dataset("digits", normalize="standardize", split="test")
