@@ -24,16 +24,16 @@ from pathlib import Path
 import numpy as np
 
 from . import zoo
-from .callbacks import Callback
+from .callbacks import Callback, EarlyStopping, ModelCheckpoint
 from .chunks import WorkerCrashError
-from .data import DATASETS, DataError, load_dataset
+from .data import DATASETS, DataError, DataWarning, load_dataset
 from .io import FileFormatError, output_problem, read_npz, write_text
 from .layers import BatchNorm, Dropout
 from .model import Sequential, model_from_arrays
 from .optim import optimizer_config
 from .parallel import ParallelismWarning
 from .runlock import CheckpointClaim, CheckpointInUseError
-from .trainer import TrainingInterrupted
+from .trainer import TrainingInterrupted, validation_split_point
 
 # Per-model defaults: `partrain train` alone trains something real, offline, in seconds.
 MODEL_DEFAULTS = {
@@ -44,7 +44,8 @@ MODEL_DEFAULTS = {
 }
 # `train` options that define a run: with --resume, each may only repeat the checkpoint's value
 RUN_DEFINING = ("model", "dataset", "normalize", "optimizer", "lr", "lr_decay", "batch_size",
-                "chunk_size", "seed", "momentum", "dropout", "batchnorm")
+                "chunk_size", "seed", "momentum", "dropout", "batchnorm", "validation_split")
+DEFAULT_VALIDATION_SPLIT = 0.1  # of the training set, held out for the per-epoch val_* metrics
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 EXIT_CLOSED_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool killed by SIGPIPE
 
@@ -85,10 +86,22 @@ def _dataset_options(args, model: Sequential | None) -> dict:
     return {}
 
 
-def _load_data(args, model: Sequential | None, options: dict | None = None):
-    """The dataset named by --dataset, normalised by --normalize, with `options`."""
+def _load_data(args, model: Sequential | None, options: dict | None = None,
+               split: str | None = None):
+    """The dataset named by --dataset, normalised by --normalize, with `options`; only
+    `split` ("train" or "test") if given. What the loader noticed goes to stderr as notes."""
     options = _dataset_options(args, model) if options is None else options
-    return load_dataset(args.dataset, args.data_dir, normalize=args.normalize, **options)
+    with warnings.catch_warnings(record=True) as noticed:
+        warnings.simplefilter("always", DataWarning)
+        data = load_dataset(args.dataset, args.data_dir, normalize=args.normalize, split=split,
+                            **options)
+    for warning in noticed:
+        if issubclass(warning.category, DataWarning):
+            print(f"note: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename,
+                                 warning.lineno)
+    return data
 
 
 def _dataset_name(name: str) -> str:
@@ -160,17 +173,29 @@ def _train(args, scheduler, signals: _Signals) -> int:
         if args.dataset is None:
             raise UsageError(f"--dataset is required: {args.resume} does not name its dataset")
         args.normalize = _given(args.normalize, _given(run["normalize"], "scale"))
+        # (a checkpoint from before --validation-split validated on the test set: no split)
+        args.validation_split = _given(args.validation_split, _given(run["validation_split"],
+                                                                     0.0))
         defaults = MODEL_DEFAULTS.get(model_name, {})
     else:
         model_name = _given(args.model, "digits-cnn")
         defaults = MODEL_DEFAULTS[model_name]
         args.dataset = _given(args.dataset, defaults["dataset"])
         args.normalize = _given(args.normalize, "scale")
+        args.validation_split = _given(args.validation_split, DEFAULT_VALIDATION_SPLIT)
         if args.momentum is not None and args.optimizer != "sgd":
             raise UsageError("--momentum applies to --optimizer sgd only")
     epochs = _given(args.epochs, defaults.get("epochs", 10))
     if epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {epochs}")
+    if not 0 <= args.validation_split < 1:
+        raise UsageError(f"--validation-split must be in [0, 1), got {args.validation_split:g}")
+    if args.early_stopping is not None and args.early_stopping < 0:
+        raise UsageError(f"--early-stopping must be >= 0, got {args.early_stopping}")
+    for option, value in (("--early-stopping", args.early_stopping),
+                          ("--save-best", args.save_best)):
+        if value is not None and args.validation_split == 0:
+            raise UsageError(f"{option} watches val_loss, which needs --validation-split > 0")
     outputs = _Outputs(args, model_name, signals)  # every output path checked here
     with _claim(args.checkpoint) as claim:  # before the data load: a second run stops now
         if args.resume:
@@ -193,10 +218,13 @@ def _train(args, scheduler, signals: _Signals) -> int:
                               lr_schedule=_given(args.lr_decay, defaults.get("lr_decay")),
                               **overrides)
             model.metadata["model"] = model_name
+        if len(data.x_train) == 0:
+            raise UsageError(f"dataset {data.name!r} has no training examples")
         # what the data pipeline was: resume and evaluate rebuild exactly these inputs
         model.metadata.update(dataset=_dataset_name(args.dataset), normalize=args.normalize,
                               dataset_options={k: list(v) if isinstance(v, tuple) else v
-                                               for k, v in options.items()})
+                                               for k, v in options.items()},
+                              validation_split=args.validation_split)
         trainer.checkpoint_claim = claim
         if data.synthetic and not args.quiet:
             print("NOTE: SYNTHETIC random data: for timing experiments only.", file=sys.stderr)
@@ -217,23 +245,31 @@ def _fit_and_finish(args, trainer, data, epochs: int, model_name: str, outputs: 
             outputs.write_files(trainer)
         else:
             if not args.quiet:
-                print(f"Training {model_name} on {data.name} ({len(data.x_train):,} train, "
-                      f"{len(data.x_test):,} test) with n_jobs={trainer.n_jobs}, batch "
-                      f"{trainer.batch_size}, chunk {trainer.chunk_size}; epochs "
-                      f"{trainer.epoch + 1}..{epochs}", file=sys.stderr)
+                n_train = validation_split_point(len(data.x_train), args.validation_split)
+                print(f"Training {model_name} on {data.name} ({n_train:,} train, "
+                      f"{len(data.x_train) - n_train:,} validation, {len(data.x_test):,} test) "
+                      f"with n_jobs={trainer.n_jobs}, batch {trainer.batch_size}, chunk "
+                      f"{trainer.chunk_size}; epochs {trainer.epoch + 1}..{epochs}",
+                      file=sys.stderr)
             for note in trainer.plan.notes("--chunk-size {}", "--batch-size {}"):
                 print(f"note: {note}", file=sys.stderr)
+            callbacks = [EpochSummary(epochs, args.quiet), StopWhenStdoutCloses(sys.stdout)]
+            best = None if args.save_best is None else ModelCheckpoint(args.save_best)
+            callbacks += [best] if best else []
+            if args.early_stopping is not None:
+                callbacks.append(EarlyStopping("val_loss", patience=args.early_stopping))
             t0 = time.perf_counter()
             with trainer:
                 trainer.fit(data.x_train, data.y_train, epochs=remaining,
-                            validation_data=(data.x_test, data.y_test),
-                            callbacks=[EpochSummary(epochs, args.quiet),
-                                       StopWhenStdoutCloses(sys.stdout)])
+                            validation_split=args.validation_split, callbacks=callbacks)
                 wall = time.perf_counter() - t0
                 outputs.write_files(trainer)
             test_loss, test_acc = trainer.model.evaluate(data.x_test, data.y_test)
             print(f"test accuracy {test_acc:.4f}  test loss {test_loss:.4f}  "
                   f"wall time {wall:.1f} s")
+            if best is not None and best.best_epoch is not None:
+                print(f"best model: epoch {best.best_epoch + 1} (val_loss {best.best:.4f}), "
+                      f"saved to {args.save_best}")
             outputs.evaluated = True
         outputs.plot(trainer)
     except KeyboardInterrupt as exc:  # TrainingInterrupted, or Ctrl-C outside of fit
@@ -274,9 +310,11 @@ class _Outputs:
         self.written: dict[str, Path | None] = {}  # what -> where (None: nowhere)
         self.problems: list[str] = []
         self.evaluated = False
+        self.title = f"{model_name} on {_dataset_name(args.dataset) if args.dataset else '?'}"
         checks = [("--save", _given(args.save, str(self.save)), False, f"{model_name}.npz"),
                   ("--checkpoint", args.checkpoint, False, "checkpoint.npz"),
-                  ("--history", args.history, False, "history.json")]
+                  ("--history", args.history, False, "history.json"),
+                  ("--save-best", args.save_best, False, "best.npz")]
         if args.plot is not None:
             checks += [("--plot", args.plot, True, None),
                        ("--plot", str(self.plot_dir / "history.png"), False, None)]
@@ -287,7 +325,8 @@ class _Outputs:
                     if example and Path(given).is_dir() else ""
                 raise UsageError(f"{option} {given}: {problem}{hint}")
         files = [("--save", self.save), ("--checkpoint", self.checkpoint),
-                 ("--history", self.history), ("--resume", args.resume)]
+                 ("--history", self.history), ("--resume", args.resume),
+                 ("--save-best", args.save_best)]
         for (a, path_a), (b, path_b) in itertools.combinations(files, 2):
             if path_a is None or path_b is None or {a, b} == {"--checkpoint", "--resume"}:
                 continue
@@ -322,7 +361,7 @@ class _Outputs:
 
         try:
             self.written["plot"] = plot_history(trainer.history.history,
-                                                self.plot_dir / "history.png")
+                                                self.plot_dir / "history.png", self.title)
         except OSError as exc:
             self.problems.append(f"could not write the plot {self.plot_dir / 'history.png'} "
                                  f"({exc.strerror or exc})")
@@ -439,7 +478,8 @@ def checkpoint_run(trainer) -> dict:
     optimizer = optimizer_config(trainer.optimizer)
     return {
         "model": meta.get("model"), "dataset": meta.get("dataset"),
-        "normalize": meta.get("normalize"), "optimizer": optimizer["name"],
+        "normalize": meta.get("normalize"), "validation_split": meta.get("validation_split"),
+        "optimizer": optimizer["name"],
         "lr": trainer.base_lr, "lr_decay": trainer.lr_schedule.config().get("decay", 0.0),
         "batch_size": trainer.batch_size, "chunk_size": trainer.chunk_size,
         "seed": trainer.seed, "momentum": optimizer.get("momentum"),
@@ -455,7 +495,8 @@ def _check_resume(args, run: dict) -> None:
     differ = []
     for name in RUN_DEFINING:
         given = getattr(args, name)
-        if given is None or run[name] is None and name in ("model", "dataset", "normalize"):
+        if given is None or run[name] is None and name in ("model", "dataset", "normalize",
+                                                           "validation_split"):
             continue
         if name == "dataset":
             given = _dataset_name(given)
@@ -473,21 +514,30 @@ def _check_resume(args, run: dict) -> None:
 
 
 class EpochSummary(Callback):
-    """One line per epoch: train loss/accuracy, validation accuracy, speed, time."""
+    """One line per epoch: train loss/accuracy, validation loss/accuracy, speed, time; before
+    the first epoch of a fit, one line with the start-up time (not counted in ex/s)."""
 
     def __init__(self, total_epochs: int, quiet: bool):
         self.total, self.quiet = total_epochs, quiet
+        self.first = True
+
+    def on_train_begin(self, trainer):
+        self.first = True
 
     def on_epoch_end(self, trainer, epoch, logs):
         if self.quiet:
             return
-        val = f"  val_acc {logs['val_accuracy']:.4f}" if "val_accuracy" in logs else ""
-        line = (f"epoch {epoch + 1:>3}/{self.total}  loss {logs['loss']:.4f}  "
-                f"acc {logs['accuracy']:.4f}{val}  {logs['examples_per_s']:,.0f} ex/s  "
-                f"{logs['epoch_time_s']:.1f} s")
         from tqdm.auto import tqdm
 
-        tqdm.write(line)
+        if self.first and "startup_s" in logs:
+            tqdm.write(f"start-up {logs['startup_s']:.2f} s (engine, data and worker "
+                       "processes; not counted in the ex/s below)")
+        self.first = False
+        val = "" if "val_loss" not in logs else \
+            f"  val_loss {logs['val_loss']:.4f}  val_acc {logs['val_accuracy']:.4f}"
+        tqdm.write(f"epoch {epoch + 1:>3}/{self.total}  loss {logs['loss']:.4f}  "
+                   f"acc {logs['accuracy']:.4f}{val}  {logs['examples_per_s']:,.0f} ex/s  "
+                   f"{logs['epoch_time_s']:.1f} s")
 
 
 class StopWhenStdoutCloses(Callback):
@@ -653,9 +703,12 @@ def cmd_evaluate(args) -> int:
         raise UsageError("--dataset is required: the model file does not name its dataset")
     if args.normalize is None:
         args.normalize = model.metadata.get("normalize", "scale")
-    data = _load_data(args, model)
+    # only the split evaluated, unless standardising needs the training set's statistics
+    split = None if args.normalize == "standardize" else \
+        "test" if args.split == "test" else "train"
+    data = _load_data(args, model, split=split)
     _check_fit(model, data, f"the model in {args.model_file}")
-    X, y = (data.x_test, data.y_test) if args.split == "test" else (data.x_train, data.y_train)
+    X, y = _evaluation_split(args, model, data)
     pred = model.predict(X)
     k, names = data.n_classes, data.class_names
     cm = confusion_matrix(y, pred, k)
@@ -676,9 +729,26 @@ def cmd_evaluate(args) -> int:
         from .plots import plot_confusion, plot_recall
 
         out = Path(args.plot)
-        print(f"\nplots: {plot_recall(recall, names, out / 'recall.png')}, "
-              f"{plot_confusion(cm, names, out / 'confusion.png')}")
+        title = (f"{model.metadata.get('model') or Path(args.model_file).name} on {data.name}, "
+                 f"{args.split} split: accuracy {acc:.4f}")
+        print(f"\nplots: {plot_recall(recall, names, out / 'recall.png', title)}, "
+              f"{plot_confusion(cm, names, out / 'confusion.png', title)}")
     return 0
+
+
+def _evaluation_split(args, model: Sequential, data) -> tuple[np.ndarray, np.ndarray]:
+    """--split's examples: test; train = those trained on; validation = the held-out end of
+    the training set (the model records its --validation-split)."""
+    if args.split == "test":
+        return data.x_test, data.y_test
+    fraction = model.metadata.get("validation_split") or 0.0
+    at = validation_split_point(len(data.x_train), fraction)
+    if args.split == "train":
+        return data.x_train[:at], data.y_train[:at]
+    if not fraction:
+        raise UsageError(f"--split validation: {args.model_file} was trained without a "
+                         "validation split (--validation-split 0, or before partrain had one)")
+    return data.x_train[at:], data.y_train[at:]
 
 
 # ----------------------------------------------------------------------------- gradcheck
@@ -692,16 +762,30 @@ def cmd_gradcheck(args) -> int:
                               ("--examples", args.examples, args.examples >= 1)):
         if not ok:
             raise UsageError(f"{option} must be > 0, got {value}")
-    model = zoo.get(args.model, seed=args.seed, dtype="float64")
+    if args.model_file is not None:
+        if args.model is not None:
+            raise UsageError("give a MODEL.npz or --model NAME, not both")
+        meta, arrays = read_npz(args.model_file, ("model", "checkpoint"))
+        model = model_from_arrays(meta, arrays, args.model_file).copy("float64")
+        what = f"{args.model_file} at its saved parameters"
+    else:
+        name = _given(args.model, "digits-cnn")
+        model = zoo.get(name, seed=args.seed, dtype="float64")
+        what = f"{name} at its initial parameters (seed {args.seed})"
     rng = np.random.default_rng(args.seed)
     X = rng.random((args.examples, *model.input_shape))
     y = rng.integers(0, model.n_classes, args.examples)
+    print(f"gradcheck of {what}, on {args.examples} random inputs; up to {args.n_params} "
+          "entries of each parameter array")
     result = gradcheck(model, X, y, eps=args.eps, n_params=args.n_params, seed=args.seed)
+    width = max(len(name) for name in result.per_param) if result.per_param else 0
     for name, ratio in result.per_param.items():
-        print(f"  {name:<14} {ratio:.3e}")
+        checked, size = result.checked[name]
+        print(f"  {name:<{width}}  {ratio:.3e}  ({checked:,} of {size:,})")
     verdict = "PASS" if result.passed(args.tol) else "FAIL"
     print(f"{verdict}: relative difference {result.rel_diff:.3e} over {result.n_checked:,} "
-          f"of {model.n_params:,} parameters (tolerance {args.tol:g})")
+          f"of {model.n_params:,} parameters in {len(result.per_param)} arrays (tolerance "
+          f"{args.tol:g})")
     return 0 if verdict == "PASS" else EXIT_FAILURE
 
 
@@ -744,6 +828,17 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", default=None,
                        help="go on with the run in this checkpoint; options that define the "
                        "run may be repeated only with the checkpoint's values")
+    train.add_argument("--validation-split", type=float, default=None, metavar="F",
+                       help="hold out the last fraction F of the training set (before "
+                       "shuffling) for the per-epoch val_loss/val_acc; 0 = none. The test set "
+                       "is evaluated once, at the end (default 0.1)")
+    train.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
+                       help="stop once val_loss has not improved for PATIENCE epochs in a row "
+                       "(Keras's EarlyStopping); the model saved is the last epoch's, keep "
+                       "the best with --save-best")
+    train.add_argument("--save-best", default=None, metavar="PATH",
+                       help="keep the model of the epoch with the lowest val_loss in this "
+                       "file (Keras's ModelCheckpoint)")
     train.add_argument("--save", default=None, help="model file (default MODEL.npz)")
     train.add_argument("--history", default=None, help="write the history as JSON here")
     train.add_argument("--plot", default=None, help="write history.png into this folder")
@@ -759,17 +854,26 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model_file", help="a model (or checkpoint) saved by train (.npz)")
     evaluate.add_argument("--dataset", default=None,
                           help=f"{datasets} (default: the one the model was trained on)")
-    evaluate.add_argument("--split", choices=["test", "train"], default="test")
+    evaluate.add_argument("--split", choices=["test", "train", "validation"], default="test",
+                          help="test (default; needs only the test files); train: the "
+                          "examples trained on; validation: the held-out end of the training "
+                          "set (--validation-split)")
     evaluate.add_argument("--plot", default=None,
                           help="write recall.png and confusion.png into this folder")
     _add_data_options(evaluate, normalize_default=None)
     evaluate.set_defaults(func=cmd_evaluate)
 
-    check = sub.add_parser("gradcheck", help="numerical gradient check of a network")
-    check.add_argument("--model", choices=models, default="digits-cnn")
+    check = sub.add_parser("gradcheck", help="numerical gradient check of a network",
+                           description="Compare the analytic gradient with central "
+                           "differences (float64), per parameter array.")
+    check.add_argument("model_file", nargs="?", default=None, metavar="MODEL.npz",
+                       help="check a saved model (or checkpoint) at its parameters")
+    check.add_argument("--model", choices=models, default=None,
+                       help="check a fresh reference network (default digits-cnn)")
     check.add_argument("--eps", type=float, default=1e-7, help="finite-difference step")
-    check.add_argument("--n-params", type=int, default=500,
-                       help="random subset of parameters to check (default 500)")
+    check.add_argument("--n-params", type=int, default=100,
+                       help="entries checked in EACH parameter array, at random (all of a "
+                       "smaller one; default 100)")
     check.add_argument("--examples", type=int, default=2, help="random inputs (default 2)")
     check.add_argument("--tol", type=float, default=1e-6, help="pass threshold")
     check.add_argument("--seed", type=int, default=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import importlib
@@ -13,6 +14,7 @@ import struct
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -26,7 +28,9 @@ import numpy.typing as npt
 
 __all__ = [
     "DATASETS",
+    "SPLITS",
     "DataError",
+    "DataWarning",
     "Dataset",
     "download",
     "load_dataset",
@@ -40,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "signs", "synthetic")
 """Names accepted by :func:`load_dataset`, besides the ``"npz:PATH"`` form."""
+
+SPLITS: tuple[str, ...] = ("train", "test")
+"""The splits :func:`load_dataset` can be limited to (``split=``)."""
 
 DEFAULT_DATA_DIR = "data"
 _NORMALIZE = ("scale", "standardize", "none")
@@ -86,6 +93,10 @@ class DataError(ValueError):
     """A data file or array exists but its content is corrupt or invalid."""
 
 
+class DataWarning(UserWarning):
+    """The data were read, but not quite as they were stored (e.g. labels renumbered)."""
+
+
 @dataclass(frozen=True)
 class _IdxSource:
     """Where the four IDX files of an MNIST-like dataset live and how to verify them."""
@@ -130,7 +141,8 @@ class Dataset:
     name : str
         The name the dataset was loaded under, e.g. ``"mnist"`` or ``"npz:runs/x.npz"``.
     x_train, x_test : numpy.ndarray
-        Images in NHWC layout, shape ``(m, H, W, C)``, floating point.
+        Images in NHWC layout, shape ``(m, H, W, C)``, floating point. A split that was not
+        loaded (``load_dataset(..., split=...)``, or a test-only file) holds 0 images.
     y_train, y_test : numpy.ndarray
         Integer class ids, shape ``(m,)``, in ``0 .. n_classes - 1``.
     class_names : tuple of str
@@ -194,6 +206,11 @@ class _Request:
     normalize: str
     dtype: np.dtype
     download: bool
+    split: str | None  # None: both splits
+
+    def wants(self, split: str) -> bool:
+        """Whether the caller needs `split` ("train" or "test")."""
+        return self.split in (None, split)
 
 
 # ------------------------------------------------------------------------------ public API
@@ -206,6 +223,7 @@ def load_dataset(
     normalize: str = "scale",
     dtype: npt.DTypeLike = np.float32,
     download: bool = True,
+    split: str | None = None,
     **options: Any,
 ) -> Dataset:
     """Load a dataset by name.
@@ -234,7 +252,11 @@ def load_dataset(
             ``n_classes=10``, ``seed=0``.
         ``"npz:PATH"``
             Any ``.npz`` file (path relative to the current directory) holding ``x_train``,
-            ``y_train``, ``x_test``, ``y_test`` and optionally ``class_names``.
+            ``y_train``, ``x_test``, ``y_test`` and optionally ``class_names``; or one set
+            in the SIGNS layout (``x``, ``y``, ``classes``), read as a test set only
+            (``split="test"``). Without ``class_names``, the classes are the distinct label
+            values: labels that are not exactly 0..K-1 are renumbered in sorted order, the
+            class names keep the original values, and a :class:`DataWarning` says so.
     data_dir : str or os.PathLike, optional
         The dataset cache folder, default ``"data"`` relative to the current directory.
     normalize : {"scale", "standardize", "none"}
@@ -246,6 +268,10 @@ def load_dataset(
         dtype of the returned images.
     download : bool
         Whether missing MNIST / Fashion-MNIST files may be downloaded.
+    split : {"train", "test"}, optional
+        Load only this split (the other holds 0 images): only its files are needed, checked
+        and downloaded, e.g. the two ``t10k-*`` files of MNIST or ``test_signs``. Default:
+        both. ``normalize="standardize"`` needs the training split (its statistics).
     **options
         Dataset-specific options listed above.
 
@@ -269,6 +295,13 @@ def load_dataset(
     """
     out_dtype = _check_dtype(dtype)
     _check_normalize(normalize)
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"Invalid split: {split!r}, expected one of {list(SPLITS)} or None.")
+    if split == "test" and normalize == "standardize":
+        raise ValueError(
+            "normalize='standardize' uses the training set's mean and std, so it needs the "
+            "training split too: load both splits (split=None)."
+        )
     key = "npz" if isinstance(name, str) and name.startswith("npz:") else name
     loader = _LOADERS.get(key)
     if loader is None:
@@ -286,9 +319,15 @@ def load_dataset(
         )
     request = _Request(
         name, Path(DEFAULT_DATA_DIR if data_dir is None else data_dir), normalize, out_dtype,
-        bool(download),
+        bool(download), split,
     )
-    return loader(request, **options)
+    dataset = loader(request, **options)
+    if split is not None:  # (loaders without files per split made both: keep one)
+        (x_train, y_train), (x_test, y_test) = _fill_missing_split(
+            {split: (getattr(dataset, f"x_{split}"), getattr(dataset, f"y_{split}"))})
+        dataset = dataclasses.replace(dataset, x_train=x_train, y_train=y_train,
+                                      x_test=x_test, y_test=y_test)
+    return dataset
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
@@ -539,26 +578,31 @@ def _load_idx_dataset(request: _Request) -> Dataset:
     """Load MNIST or Fashion-MNIST, downloading missing files if allowed."""
     source = _IDX_SOURCES[request.name]
     folders = [request.data_dir / sub for sub in source.folders]
-    folder = next((f for f in folders if all((f / n).is_file() for n in _IDX_FILES)), folders[0])
-    missing = [n for n in _IDX_FILES if not (folder / n).is_file()]
+    needed = [n for n in _IDX_FILES if request.wants("test" if n.startswith("t10k") else "train")]
+    folder = next((f for f in folders if all((f / n).is_file() for n in needed)), folders[0])
+    missing = [n for n in needed if not (folder / n).is_file()]
     failures: list[str] = []
     if missing and request.download:
         failures = _fetch(source, folder, missing)
-        missing = [n for n in _IDX_FILES if not (folder / n).is_file()]
+        missing = [n for n in needed if not (folder / n).is_file()]
     if missing:
         reason = (
             "Downloading failed: " + "; ".join(failures) if failures
             else "Pass download=True to fetch them"
         )
+        which = "four files" if len(needed) == 4 else f"{request.split} files"
         raise FileNotFoundError(
-            f"{source.title} files missing from {folder}: {', '.join(missing)}. Put the four files "
-            f"{', '.join(_IDX_FILES)} in {folder}/ (they are published at {source.mirrors[0]}). "
+            f"{source.title} files missing from {folder}: {', '.join(missing)}. Put the {which} "
+            f"{', '.join(needed)} in {folder}/ (they are published at {source.mirrors[0]}). "
             f"{reason}."
         )
-    for filename in _IDX_FILES:
+    for filename in needed:
         _verify_sha256(folder / filename, source.sha256[filename], source.title)
-    x_train, y_train = _read_idx_pair(folder / _IDX_FILES[0], folder / _IDX_FILES[1])
-    x_test, y_test = _read_idx_pair(folder / _IDX_FILES[2], folder / _IDX_FILES[3])
+    pairs = {}
+    for split, (images, labels) in (("train", _IDX_FILES[:2]), ("test", _IDX_FILES[2:])):
+        if request.wants(split):
+            pairs[split] = _read_idx_pair(folder / images, folder / labels)
+    (x_train, y_train), (x_test, y_test) = _fill_missing_split(pairs)
     x_train, x_test = _normalize((x_train, x_test), request.normalize, request.dtype, 255.0)
     return Dataset(
         request.name, x_train, y_train, x_test, y_test, source.class_names,
@@ -595,7 +639,7 @@ def _load_signs(request: _Request) -> Dataset:
     folders = (request.data_dir / "signs", request.data_dir)
     paths: dict[str, Path] = {}
     missing = []
-    for split in ("train", "test"):
+    for split in [s for s in SPLITS if request.wants(s)]:
         candidates = [f / f"{split}_signs{ext}" for f in folders for ext in (".npz", ".h5")]
         found = next((p for p in candidates if p.is_file()), None)
         if found is None:
@@ -603,37 +647,51 @@ def _load_signs(request: _Request) -> Dataset:
         else:
             paths[split] = found
     if missing:
+        wanted = " and ".join(f"{s}_signs.h5" for s in SPLITS if request.wants(s))
+        wanted_npz = " and ".join(f"{s}_signs.npz" for s in SPLITS if request.wants(s))
         raise FileNotFoundError(
-            f"SIGNS files missing: {', '.join(missing)}. Put train_signs.h5 and test_signs.h5 "
-            f"(or train_signs.npz and test_signs.npz with arrays x, y, classes) in {folders[0]}/ "
-            f"or {folders[1]}/; SIGNS is never downloaded automatically."
+            f"SIGNS files missing: {', '.join(missing)}. Put {wanted} (or {wanted_npz} with "
+            f"arrays x, y, classes) in {folders[0]}/ or {folders[1]}/; SIGNS is never "
+            "downloaded automatically."
         )
-    x_train, y_train, names = load_signs_file(paths["train"])
-    x_test, y_test, test_names = load_signs_file(paths["test"])
-    if names != test_names:
+    loaded = {split: load_signs_file(path) for split, path in paths.items()}
+    names = {split: split_names for split, (_, _, split_names) in loaded.items()}
+    if len(set(names.values())) > 1:
         raise DataError(
-            f"{paths['train']} has classes {names} but {paths['test']} has {test_names}."
+            f"{paths['train']} has classes {names['train']} but {paths['test']} has "
+            f"{names['test']}."
         )
+    (x_train, y_train), (x_test, y_test) = _fill_missing_split(
+        {split: (x, y) for split, (x, y, _) in loaded.items()})
     x_train, x_test = _normalize((x_train, x_test), request.normalize, request.dtype, 255.0)
     return Dataset(
-        request.name, x_train, y_train, x_test, y_test, names,
-        source=f"SIGNS files {paths['train']} and {paths['test']}",
+        request.name, x_train, y_train, x_test, y_test, next(iter(names.values())),
+        source=f"SIGNS file{'s' * (len(paths) > 1)} {' and '.join(map(str, paths.values()))}",
     )
 
 
 def _load_npz(request: _Request) -> Dataset:
     """Load a user ``.npz`` file named by ``npz:PATH``."""
     path = _require_file(request.name[len("npz:"):])
-    arrays = _read_npz(path, ("x_train", "y_train", "x_test", "y_test"), ("class_names",))
-    x_train = _as_images(arrays["x_train"], f"{path}: x_train")
-    x_test = _as_images(arrays["x_test"], f"{path}: x_test")
-    y_train = _as_labels(arrays["y_train"], f"{path}: y_train")
-    y_test = _as_labels(arrays["y_test"], f"{path}: y_test")
-    if "class_names" in arrays:
-        names = _as_names(arrays["class_names"], f"{path}: class_names")
+    if _npz_names(path) >= {"x", "y", "classes"} and "x_train" not in _npz_names(path):
+        if request.split != "test":
+            raise DataError(
+                f"{path} holds one set in the SIGNS layout (x, y, classes), which partrain reads "
+                "as a test set only (e.g. `partrain evaluate --split test`); to train, store "
+                "x_train, y_train, x_test and y_test."
+            )
+        x_test, y_test, names = load_signs_file(path)
+        (x_train, y_train), _ = _fill_missing_split({"test": (x_test, y_test)})
     else:
-        n_classes = max(int(y.max(initial=-1)) for y in (y_train, y_test)) + 1
-        names = tuple(str(i) for i in range(n_classes))
+        arrays = _read_npz(path, ("x_train", "y_train", "x_test", "y_test"), ("class_names",))
+        x_train = _as_images(arrays["x_train"], f"{path}: x_train")
+        x_test = _as_images(arrays["x_test"], f"{path}: x_test")
+        y_train = _as_labels(arrays["y_train"], f"{path}: y_train")
+        y_test = _as_labels(arrays["y_test"], f"{path}: y_test")
+        if "class_names" in arrays:
+            names = _as_names(arrays["class_names"], f"{path}: class_names")
+        else:
+            y_train, y_test, names = _classes_from_labels(y_train, y_test, str(path))
     scale = 255.0 if x_train.dtype.kind in "ui" else 1.0
     x_train, x_test = _normalize((x_train, x_test), request.normalize, request.dtype, scale)
     return Dataset(request.name, x_train, y_train, x_test, y_test, names, source=str(path))
@@ -671,6 +729,46 @@ def _load_synthetic(
         f"per-class template at weight {_SYNTHETIC_SIGNAL}; for timing experiments only",
         synthetic=True,
     )
+
+
+def _npz_names(path: Path) -> set[str]:
+    """The array names in an ``.npz`` file (empty if it cannot be read as one)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {name[:-4] for name in archive.namelist() if name.endswith(".npy")}
+    except (OSError, zipfile.BadZipFile):
+        return set()
+
+
+def _fill_missing_split(pairs: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """[(x_train, y_train), (x_test, y_test)] from {split: (x, y)}; a split not loaded gets
+    0 images of the other's shape and dtype."""
+    shape_of = next(iter(pairs.values()))
+    empty = (np.empty((0, *shape_of[0].shape[1:]), shape_of[0].dtype), np.empty(0, np.int64))
+    return [pairs.get(split, empty) for split in SPLITS]
+
+
+def _classes_from_labels(
+    y_train: np.ndarray, y_test: np.ndarray, where: str
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """The classes are the distinct label values: 0..K-1 as they are, anything else
+    renumbered in sorted order (names keep the values), with a DataWarning saying so."""
+    values = np.unique(np.concatenate([y_train, y_test]))
+    names = tuple(str(v) for v in values)
+    if values.size and values[0] < 0:  # not class ids at all: the Dataset check says so
+        return y_train, y_test, tuple(str(i) for i in range(int(values[-1]) + 1))
+    if np.array_equal(values, np.arange(len(values))):
+        return y_train, y_test, names
+    shown = ", ".join(names) if len(names) <= 12 else ", ".join(names[:10]) + ", ..."
+    absent = int(values.max()) + 1 - len(values)
+    gaps = f" ({absent} of 0..{values.max()} never occur)" if absent else ""
+    warnings.warn(
+        f"{where}: the labels take {len(values)} distinct values ({shown}), not 0..K-1{gaps}: "
+        f"read as {len(values)} classes, renumbered 0..{len(values) - 1} in sorted order and "
+        "named by their original values; store class_names in the file to set the classes.",
+        DataWarning, stacklevel=4,
+    )
+    return (np.searchsorted(values, y_train), np.searchsorted(values, y_test), names)
 
 
 _LOADERS: dict[str, Callable[..., Dataset]] = {

@@ -16,6 +16,7 @@ class GradcheckResult(NamedTuple):
     rel_diff: float
     per_param: dict[str, float]  # the same ratio for each layout row, e.g. 'conv1.W'
     n_checked: int
+    checked: dict[str, tuple[int, int]]  # per layout row: (entries checked, entries)
 
     def passed(self, tol: float = 1e-6) -> bool:
         return self.rel_diff < tol
@@ -24,6 +25,20 @@ class GradcheckResult(NamedTuple):
 def _ratio(num: np.ndarray, ana: np.ndarray) -> float:
     denom = np.linalg.norm(num) + np.linalg.norm(ana)
     return float(np.linalg.norm(num - ana) / denom) if denom else 0.0
+
+
+def sample_entries(layout, n_params: int | None, seed: int = 0) -> np.ndarray:
+    """Sorted flat indices to check: min(size, n_params) entries of EVERY layout row, drawn
+    without replacement (seeded), so that no array, however small, goes unchecked."""
+    rng = np.random.default_rng(seed)
+    picks = []
+    for row in layout:
+        size = row.stop - row.start
+        if n_params is None or n_params >= size:
+            picks.append(np.arange(row.start, row.stop))
+        else:
+            picks.append(row.start + np.sort(rng.choice(size, n_params, replace=False)))
+    return np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
 
 
 def gradcheck(model: Sequential, X, y, eps: float = 1e-7, *, n_params: int | None = None,
@@ -38,22 +53,26 @@ def gradcheck(model: Sequential, X, y, eps: float = 1e-7, *, n_params: int | Non
     eps : float
         Step of the two-sided difference (L(p + eps) - L(p - eps)) / (2 eps).
     n_params : int, optional
-        Check a random subset of this many parameters (seeded by `seed`) instead of all.
+        Check this many entries of EACH parameter array (all of a smaller one), drawn at
+        random (seeded by `seed`), instead of every entry: every array is checked and
+        reported, biases included.
     ctx : Context, optional
         Training context; its key fixes the dropout masks across all evaluations.
 
     Returns
     -------
     GradcheckResult
+        The overall relative difference, one per parameter array (`per_param`, every row of
+        `model.layout`), and how many entries of each were checked (`checked`).
     """
+    if n_params is not None and (isinstance(n_params, bool) or n_params < 1):
+        raise ValueError(f"`n_params` must be an integer >= 1 or None, got {n_params!r}.")
     model64 = model.copy(dtype="float64")
     X, y = model64.check_Xy(X, y)
     ctx = ctx or Context(training=True, key=(seed,))
     params = model64.params.copy()
     analytic = model64.loss_and_grad(params, X, y, ctx).grad
-    indices = np.arange(params.size)
-    if n_params is not None and n_params < params.size:
-        indices = np.sort(np.random.default_rng(seed).choice(params.size, n_params, replace=False))
+    indices = sample_entries(model64.layout, n_params, seed)
     numeric = np.empty(indices.size)
     for k, i in enumerate(indices):
         original = params[i]
@@ -64,9 +83,9 @@ def gradcheck(model: Sequential, X, y, eps: float = 1e-7, *, n_params: int | Non
         params[i] = original
         numeric[k] = (plus - minus) / (2 * eps)
     checked = analytic[indices]
-    per_param = {}
+    per_param, counts = {}, {}
     for row in model64.layout:
         mask = (indices >= row.start) & (indices < row.stop)
-        if mask.any():
-            per_param[row.name] = _ratio(numeric[mask], checked[mask])
-    return GradcheckResult(_ratio(numeric, checked), per_param, int(indices.size))
+        per_param[row.name] = _ratio(numeric[mask], checked[mask])
+        counts[row.name] = (int(mask.sum()), row.stop - row.start)
+    return GradcheckResult(_ratio(numeric, checked), per_param, int(indices.size), counts)

@@ -7,6 +7,7 @@ through `.npz` checkpoints.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 
@@ -214,10 +215,63 @@ class InverseTimeDecay:
         return {"name": "inverse_time", "decay": self.decay}
 
 
+class FunctionSchedule:
+    """lr_epoch = fn(epoch), epoch counted from 0: a plain Python function, as Keras's
+    `LearningRateScheduler(schedule)`. The base learning rate is not used.
+
+    A checkpoint cannot hold a function: `config()` records its name only, marked as not
+    restorable, and resuming asks for the function again (see `Trainer.from_checkpoint`).
+    """
+
+    def __init__(self, fn):
+        if not callable(fn):
+            raise ValueError(f"`lr_schedule` must be callable, got {fn!r}.")
+        try:
+            inspect.signature(fn).bind(0)
+        except TypeError:
+            raise ValueError(
+                f"`lr_schedule` must be a function of one argument, the epoch (from 0), "
+                f"returning the learning rate; {self.describe(fn)} cannot be called as fn(epoch)."
+            ) from None
+        except ValueError:  # no signature (some builtins): find out when it is called
+            pass
+        self.fn = fn
+
+    @staticmethod
+    def describe(fn) -> str:
+        """'module.qualname' of a function (what a checkpoint records)."""
+        name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+        return f"{getattr(fn, '__module__', None) or '?'}.{name}"
+
+    def __call__(self, base_lr: float, epoch: int) -> float:
+        lr = self.fn(epoch)
+        ok = isinstance(lr, numbers.Real) and not isinstance(lr, (bool, np.bool_)) and \
+            math.isfinite(lr) and lr > 0
+        if not ok:
+            raise ValueError(
+                f"`lr_schedule` ({self.describe(self.fn)}) must return a finite number > 0, "
+                f"got {lr!r} for epoch {epoch}."
+            )
+        return float(lr)
+
+    def config(self) -> dict:
+        return {"name": "function", "function": self.describe(self.fn), "restorable": False}
+
+
 def schedule_from_config(config: dict | None):
-    """Rebuild a schedule from its `config()`; None means constant."""
+    """Rebuild a schedule from its `config()`; None means constant.
+
+    A function schedule cannot be rebuilt: ValueError saying which function to pass again.
+    """
     if not config or config.get("name") == "constant":
         return ConstantLR()
     if config.get("name") == "inverse_time":
         return InverseTimeDecay(config["decay"])
-    raise ValueError(f"Invalid lr schedule: {config!r}, expected 'constant' or 'inverse_time'.")
+    if config.get("name") == "function":
+        raise ValueError(
+            f"The lr schedule was the Python function {config.get('function')}, which a "
+            "checkpoint cannot hold: pass it again (lr_schedule=...)."
+        )
+    raise ValueError(
+        f"Invalid lr schedule: {config!r}, expected 'constant', 'inverse_time' or 'function'."
+    )

@@ -25,28 +25,38 @@ def require_matplotlib() -> None:
     _pyplot()
 
 
-def plot_history(history: dict, path: str | Path) -> Path:
-    """Loss and accuracy per epoch (training, and validation when present)."""
+def plot_history(history: dict, path: str | Path, title: str | None = None) -> Path:
+    """Loss and accuracy per epoch (training, and validation when present), ticks on whole
+    epochs (numbered from 1), under `title` (e.g. "digits-cnn on digits")."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     epochs = np.arange(1, len(history["loss"]) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("loss", "accuracy")):
         ax.plot(epochs, history[metric], "o-", label=f"train {metric}")
         if history.get(f"val_{metric}"):
-            ax.plot(epochs, history[f"val_{metric}"], "s--", label=f"validation {metric}")
+            values = history[f"val_{metric}"]  # (a run resumed with validation: the last ones)
+            ax.plot(epochs[len(epochs) - len(values):], values, "s--",
+                    label=f"validation {metric}")
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, plt, path)
 
 
-def plot_confusion(confusion: np.ndarray, class_names, path: str | Path) -> Path:
-    """Confusion matrix (rows: true class, columns: predicted) with counts in the cells."""
+def plot_confusion(confusion: np.ndarray, class_names, path: str | Path,
+                   title: str | None = None) -> Path:
+    """Confusion matrix (rows: true class, columns: predicted) with counts in the cells,
+    under `title` (the CLI gives model, dataset, split and accuracy)."""
     plt = _pyplot()
     k = len(class_names)
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * k, 1 + 0.6 * k))
+    fig, ax = plt.subplots(figsize=(max(4, 1 + 0.6 * k), max(4, 1 + 0.6 * k)))
     ax.imshow(confusion, cmap="Blues")
     ax.set_xticks(range(k), class_names)
     ax.set_yticks(range(k), class_names)
@@ -57,12 +67,15 @@ def plot_confusion(confusion: np.ndarray, class_names, path: str | Path) -> Path
         for j in range(k):
             ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=8,
                     color="white" if confusion[i, j] > threshold else "black")
+    if title:
+        ax.set_title(title, fontsize=9, wrap=True)
     fig.tight_layout()
     return _save(fig, plt, path)
 
 
-def plot_recall(recall: np.ndarray, class_names, path: str | Path) -> Path:
-    """Per-class recall as bars."""
+def plot_recall(recall: np.ndarray, class_names, path: str | Path,
+                title: str | None = None) -> Path:
+    """Per-class recall as bars, under `title`."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(class_names) + 2), 3.5))
     ax.bar(range(len(recall)), recall, color="tab:blue")
@@ -70,6 +83,8 @@ def plot_recall(recall: np.ndarray, class_names, path: str | Path) -> Path:
     ax.set_ylim(0, 1)
     ax.set_ylabel("recall")
     ax.set_xlabel("class")
+    if title:
+        ax.set_title(title, fontsize=9, wrap=True)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _save(fig, plt, path)

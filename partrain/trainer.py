@@ -27,6 +27,7 @@ from .model import Sequential, model_from_arrays
 from .optim import (
     Adam,
     ConstantLR,
+    FunctionSchedule,
     InverseTimeDecay,
     Optimizer,
     optimizer_config,
@@ -80,9 +81,12 @@ class Trainer:
         Keys every random draw: shuffling by (seed, epoch), dropout by (seed, epoch, step,
         chunk).
     progress : bool
-        A tqdm bar per epoch on stderr.
-    lr_schedule : None, "constant", float or schedule object
-        A float d means inverse-time decay lr / (1 + d * epoch).
+        A tqdm bar per epoch on stderr; it ends with the epoch's validation metrics.
+    lr_schedule : None, "constant", float, schedule object or function
+        A float d means inverse-time decay lr / (1 + d * epoch); a plain function
+        `epoch -> lr` (epoch from 0) gives each epoch's rate, as Keras's
+        LearningRateScheduler (a checkpoint records only its name: pass it again to
+        `from_checkpoint`).
     checkpoint : path, optional
         Where to write checkpoints: every `checkpoint_every` epochs, at the end of `fit`, on
         Ctrl-C/SIGTERM (state of the last completed step) and before a worker-crash error.
@@ -159,7 +163,7 @@ class Trainer:
         self.history = History()
         self.epoch = 0  # index of the epoch in progress (= epochs completed, between epochs)
         self.step_in_epoch = 0  # steps of `epoch` already applied
-        self._partial = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+        self._partial = _new_partial()
         self.stop_training = False
         self.checkpoint_claim: CheckpointClaim | None = None
         self._engine = None
@@ -167,6 +171,11 @@ class Trainer:
         self._guard = _InterruptGuard()
         self._grad: np.ndarray | None = None  # the step's gradient buffer, during a session
         self._shuffle = True
+        self._callbacks: list[Callback] | None = None  # those of the current (or last) fit
+        self._pending_states: dict[str, dict] = {}  # callback states read from a checkpoint
+        self._bind_seconds = 0.0  # start-up outside any step: engine creation, data binding
+        self._fresh_session = False  # True until the session's first step
+        self.last_startup_s = 0.0  # start-up time inside the last step (see train_step)
 
     # ------------------------------------------------------------------ engine lifecycle
 
@@ -199,13 +208,33 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def fit(self, X, y, epochs: int = 1, validation_data: tuple | None = None,
-            shuffle: bool | None = None, callbacks: tuple[Callback, ...] | list = ()) -> History:
+            shuffle: bool | None = None, callbacks: tuple[Callback, ...] | list = (),
+            validation_split: float = 0.0) -> History:
         """Train for `epochs` more epochs (finishing an interrupted one first); return history.
+
+        Parameters
+        ----------
+        X, y : training images and class ids
+        epochs : int
+            Epochs to train in this call (a resumed epoch counts as one).
+        validation_data : (X_val, y_val), optional
+            Evaluated at the end of each epoch (`val_loss`, `val_accuracy`).
+        shuffle : bool, optional
+            Shuffle each epoch (keyed by seed and epoch); None keeps the run's setting.
+        callbacks : list of Callback
+            Called in order. After `from_checkpoint`, the checkpoint's callback states go to
+            the callbacks of this fit (by class and rank within the class), so that they go
+            on as in the uninterrupted run; any other fit starts them afresh, as Keras does.
+        validation_split : float in [0, 1)
+            As Keras: hold out the LAST fraction of (X, y), before any shuffling, as the
+            validation set (the first floor(len(X) * (1 - validation_split)) examples are
+            trained on). `validation_data` wins when both are given.
 
         Raises
         ------
         ValueError
-            Bad arguments or data, before any worker starts.
+            Bad arguments or data, or a callback monitoring 'val_*' without validation,
+            before any worker starts.
         NonFiniteLossError
             The loss became NaN/inf (names epoch and step; the last checkpoint is kept).
         KeyboardInterrupt
@@ -215,27 +244,65 @@ class Trainer:
             Workers kept dying; a checkpoint is written first.
         """
         epochs = _positive("epochs", epochs)
+        callbacks = list(callbacks)
         if validation_data is not None:
             if len(validation_data) != 2:
                 raise ValueError("`validation_data` must be a pair (X_val, y_val).")
             validation_data = self.model.check_Xy(
                 *validation_data, names=("validation_data[0]", "validation_data[1]"))
+        else:
+            X, y, validation_data = self._split_validation(X, y, validation_split)
+        for cb in callbacks:
+            monitor = getattr(cb, "monitor", None)
+            if validation_data is None and isinstance(monitor, str) and \
+                    monitor.startswith("val_"):
+                raise ValueError(
+                    f"{type(cb).__name__} monitors {monitor!r}, but fit has no validation "
+                    f"data: pass validation_data or validation_split, or monitor "
+                    f"{monitor[4:]!r}."
+                )
         self.stop_training = False
         if shuffle is not None:  # None keeps the run's setting (True, or the checkpoint's)
             self._shuffle = bool(shuffle)
         with self.session(X, y) as n_examples:
+            self._callbacks = callbacks
+            pending, self._pending_states = self._pending_states, {}
+            for key, cb in _keyed(callbacks):
+                if key in pending:
+                    cb.load_state_dict(pending[key])
             for cb in callbacks:
                 cb.on_train_begin(self)
             for _ in range(epochs):
-                self._run_epoch(n_examples, validation_data, callbacks)
                 if self.stop_training:
                     break
-            for cb in callbacks:
-                cb.on_train_end(self)
+                self._run_epoch(n_examples, validation_data, callbacks)
+            # the checkpoint holds the training state, before any callback's final touch
+            # (restoring the best weights, say): resuming it goes on as the run would have
             if self.checkpoint is not None:
                 self.save_checkpoint(self.checkpoint)
+            for cb in callbacks:
+                cb.on_train_end(self)
             self._guard.check()  # a signal that came during the last epoch's end
         return self.history
+
+    def _split_validation(self, X, y, validation_split):
+        """(X_train, y_train, (X_val, y_val) or None): Keras's split of the last fraction."""
+        ok = isinstance(validation_split, (int, float, np.integer, np.floating)) and \
+            not isinstance(validation_split, bool) and 0 <= validation_split < 1
+        if not ok:
+            raise ValueError(
+                f"`validation_split` must be a number in [0, 1), got {validation_split!r}.")
+        if validation_split == 0:
+            return X, y, None
+        X, y = self.model.check_Xy(X, y)
+        split_at = validation_split_point(len(X), validation_split)
+        if split_at == 0 or split_at == len(X):
+            raise ValueError(
+                f"`validation_split` {validation_split} of {len(X)} examples leaves "
+                f"{split_at} to train on and {len(X) - split_at} to validate on; both need "
+                "at least one: give more data or another split."
+            )
+        return X[:split_at], y[:split_at], (X[split_at:], y[split_at:])
 
     @contextlib.contextmanager
     def session(self, X, y):
@@ -255,7 +322,10 @@ class Trainer:
         with self._guard, self._checkpoint_claimed(), self._blas_limit():
             try:
                 self._grad = np.empty_like(self.model.params)
-                self.engine.bind(X, y)
+                t0 = time.perf_counter()
+                self.engine.bind(X, y)  # (creates the engine, and a Dask cluster, if needed)
+                self._bind_seconds += time.perf_counter() - t0
+                self._fresh_session = True
                 yield len(X)
             except (KeyboardInterrupt, WorkerCrashError):
                 self.close(kill=True)
@@ -275,11 +345,21 @@ class Trainer:
         divided by the number of examples and applied by the optimizer on the master; the
         batch-norm statistics are folded into the running buffers. Returns the step's sums.
         Raises NonFiniteLossError, without applying anything, when the loss is NaN or inf.
+
+        `last_startup_s` is the part of this step spent starting workers: in the first step
+        of a session that has work for them (more than one chunk: the loky pool starts
+        there), the time the master waited beyond the slowest process's compute; 0 otherwise.
         """
         if self._grad is None:
             raise RuntimeError("train_step needs a session: `with trainer.session(X, y): ...`")
         grad = self._grad
         totals = self.engine.gradient(batch_idx, (self.seed, STEP_STREAM, epoch, step), grad)
+        timing = self.engine.last_timing
+        self.last_startup_s = 0.0
+        if self._fresh_session and timing is not None:
+            self.last_startup_s = max(0.0, timing.run - timing.compute_max)
+        self._fresh_session = self._fresh_session and self.plan.processes > 1 and \
+            len(batch_idx) <= self.chunk_size  # a one-chunk step starts no worker
         if not math.isfinite(totals.loss):
             raise NonFiniteLossError(
                 f"The training loss became {totals.loss} at epoch {epoch} step {step}; the "
@@ -304,14 +384,18 @@ class Trainer:
         for cb in callbacks:
             cb.on_epoch_begin(self, epoch)
         order = self._epoch_order(n, epoch)
+        p = self._partial
+        p["startup"] += self._bind_seconds  # start-up is reported apart, never as training
+        self._bind_seconds = 0.0
         bar = _progress_bar(self.progress, n_steps, epoch, self.step_in_epoch)
-        started = time.perf_counter() - self._partial["time"]
+        started = time.perf_counter() - p["time"]
         try:
             for step in range(self.step_in_epoch, n_steps):
                 self._guard.check()
                 totals = self.train_step(
                     order[step * self.batch_size:(step + 1) * self.batch_size], epoch, step)
-                p = self._partial
+                started += self.last_startup_s
+                p["startup"] += self.last_startup_s
                 p["loss"] += totals.loss
                 p["correct"] += totals.n_correct
                 p["seen"] += totals.n_examples
@@ -320,27 +404,33 @@ class Trainer:
                 logs = {"loss": p["loss"] / p["seen"], "accuracy": p["correct"] / p["seen"],
                         "examples_per_s": p["seen"] / max(p["time"], 1e-9)}
                 if bar is not None:
-                    bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['accuracy']:.3f}",
-                                    ex_s=f"{logs['examples_per_s']:,.0f}", refresh=False)
+                    bar.set_postfix(_postfix(logs), refresh=False)
                     bar.update(1)
                 for cb in callbacks:
                     cb.on_batch_end(self, step, logs)
+            logs = self._epoch_logs(validation_data)
+            if bar is not None and "val_loss" in logs:  # the bar ends with them, as Keras's
+                bar.set_postfix(_postfix(logs))
         finally:
             if bar is not None:
                 bar.close()
-        self._end_epoch(validation_data, callbacks)
+        self._end_epoch(logs, callbacks)
 
-    def _end_epoch(self, validation_data, callbacks) -> None:
+    def _epoch_logs(self, validation_data) -> dict:
+        """The finished epoch's metrics, in the order of `callbacks.HISTORY_KEYS`."""
         p = self._partial
         logs = {"loss": p["loss"] / p["seen"], "accuracy": p["correct"] / p["seen"]}
         if validation_data is not None:
             logs["val_loss"], logs["val_accuracy"] = self.model.evaluate(*validation_data)
         logs.update(examples_per_s=p["seen"] / max(p["time"], 1e-9), epoch_time_s=p["time"],
-                    lr=self.optimizer.lr)
+                    startup_s=p["startup"], lr=self.optimizer.lr)
+        return logs
+
+    def _end_epoch(self, logs: dict, callbacks) -> None:
         self.history.append(logs)
         self.epoch += 1
         self.step_in_epoch = 0
-        self._partial = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+        self._partial = _new_partial()
         for cb in callbacks:
             cb.on_epoch_end(self, self.epoch - 1, logs)
         if self.checkpoint is not None and self.epoch % self.checkpoint_every == 0:
@@ -384,13 +474,19 @@ class Trainer:
         """Write everything needed to resume bit-for-bit to one `.npz`, atomically.
 
         Holds params, buffers, optimizer state, epoch, step within the epoch, the partial sums
-        of an interrupted epoch, history, model, optimizer and trainer config. Random draws are
-        keyed by (seed, epoch, step), so those also fix the RNG position. A path that another
-        live run has claimed is refused (`runlock.CheckpointInUseError`), not overwritten.
+        of an interrupted epoch, history, the state of every callback of the current (or
+        last) `fit`, model, optimizer and trainer config. Random draws are keyed by (seed,
+        epoch, step), so those also fix the RNG position. A path that another live run has
+        claimed is refused (`runlock.CheckpointInUseError`), not overwritten.
         """
         state = self.optimizer.state_dict()
         arrays = {"params": self.model.params, "buffers": self.model.buffers}
         arrays.update({f"optim.{k}": v for k, v in state.items() if isinstance(v, np.ndarray)})
+        callbacks = {}
+        for key, cb_state in self._callback_states().items():
+            callbacks[key] = {k: v for k, v in cb_state.items() if not isinstance(v, np.ndarray)}
+            arrays.update({f"callback.{key}.{k}": v for k, v in cb_state.items()
+                           if isinstance(v, np.ndarray)})
         meta = {
             "config": self.model.config(),
             "metadata": self.model.metadata,
@@ -401,16 +497,28 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "partial": self._partial,
             "history": self.history.history,
+            "callbacks": callbacks,
         }
         claim = self.checkpoint_claim
         held = claim is not None and claim.covers(path)
         with contextlib.nullcontext() if held else CheckpointClaim(path):
             return write_npz(path, "checkpoint", meta, arrays)
 
+    def _callback_states(self) -> dict[str, dict]:
+        """{key: state} of the current fit's callbacks, or those read from the checkpoint
+        when no fit has run since."""
+        if self._callbacks is None:
+            return self._pending_states
+        return {key: state for key, cb in _keyed(self._callbacks) if (state := cb.state_dict())}
+
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, **overrides) -> Trainer:
         """Rebuild model, optimizer and trainer state from a checkpoint; `overrides` set
         run-time options (n_jobs, progress, checkpoint, backend, ...).
+
+        A run whose `lr_schedule` was a plain function must be given it again
+        (`lr_schedule=fn`): a checkpoint records only the function's name. The checkpoint's
+        callback states go to the callbacks of the next `fit` (see `fit`).
 
         Raises
         ------
@@ -418,7 +526,8 @@ class Trainer:
             A keyword that is not a Trainer argument (checked before the file is read).
         ValueError
             An override of what defines the run (model, optimizer, batch_size, chunk_size,
-            seed, lr_schedule), or an invalid override value.
+            seed, lr_schedule), or an invalid override value; a function lr_schedule that
+            the checkpoint cannot hold and that was not passed again.
         FileNotFoundError, FileFormatError
             No such file, or not a complete partrain checkpoint.
         """
@@ -429,7 +538,7 @@ class Trainer:
                 f"from_checkpoint() got unexpected keyword argument(s) {unknown}; the run-time "
                 f"options are {sorted(arguments - _RUN_DEFINING)}."
             )
-        fixed = sorted(_RUN_DEFINING & set(overrides))
+        fixed = sorted((_RUN_DEFINING - {"lr_schedule"}) & set(overrides))
         if fixed:
             raise ValueError(
                 f"{fixed} cannot change on resume: they define the run "
@@ -445,10 +554,17 @@ class Trainer:
                 n_params=model.n_params)
             cfg = meta["trainer"]
             run = {"batch_size": cfg["batch_size"], "chunk_size": cfg["chunk_size"],
-                   "seed": cfg["seed"], "lr_schedule": schedule_from_config(cfg["lr_schedule"])}
+                   "seed": cfg["seed"],
+                   "lr_schedule": _checkpoint_schedule(cfg["lr_schedule"], overrides, path)}
+            callbacks = {key: dict(value) for key, value in meta.get("callbacks", {}).items()}
+            for name, value in arrays.items():
+                if name.startswith("callback."):
+                    key, field = name[len("callback."):].split(".", 1)
+                    callbacks.setdefault(key, {})[field] = value
             state = {"base_lr": cfg["base_lr"], "_shuffle": cfg["shuffle"],
                      "epoch": meta["epoch"], "step_in_epoch": meta["step_in_epoch"],
-                     "_partial": dict(meta["partial"]), "history": History(meta["history"])}
+                     "_partial": {**_new_partial(), **meta["partial"]},
+                     "history": History(meta["history"]), "_pending_states": callbacks}
         except (KeyError, TypeError) as exc:
             raise FileFormatError(
                 f"'{path}' is not a complete partrain checkpoint (missing {exc})."
@@ -462,6 +578,47 @@ class Trainer:
 _RUN_DEFINING = {"model", "optimizer", "batch_size", "chunk_size", "seed", "lr_schedule"}
 
 
+def validation_split_point(n_examples: int, validation_split: float) -> int:
+    """Keras's rule: the first floor(n * (1 - validation_split)) examples are trained on,
+    the rest validate."""
+    return int(math.floor(n_examples * (1.0 - validation_split)))
+
+
+def _new_partial() -> dict:
+    """The sums of an epoch in progress: nothing yet."""
+    return {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0, "startup": 0.0}
+
+
+def _keyed(callbacks) -> list[tuple[str, Callback]]:
+    """(key, callback): the class name, with '_2', '_3', ... for later ones of a class."""
+    seen: dict[str, int] = {}
+    keyed = []
+    for cb in callbacks:
+        name = type(cb).__name__
+        seen[name] = seen.get(name, 0) + 1
+        keyed.append((name if seen[name] == 1 else f"{name}_{seen[name]}", cb))
+    return keyed
+
+
+def _checkpoint_schedule(config: dict, overrides: dict, path):
+    """The checkpoint's lr schedule; a function one must be in `overrides` (popped), any
+    other must not be."""
+    if (config or {}).get("name") == "function":
+        if "lr_schedule" not in overrides:
+            raise ValueError(
+                f"'{path}' was trained with the lr_schedule function {config.get('function')}, "
+                "which a checkpoint cannot hold: pass it again, "
+                f"Trainer.from_checkpoint('{path}', lr_schedule=<that function>)."
+            )
+        return overrides.pop("lr_schedule")
+    if "lr_schedule" in overrides:
+        raise ValueError(
+            "['lr_schedule'] cannot change on resume: it defines the run (use a fresh Trainer "
+            "to start a different one)."
+        )
+    return schedule_from_config(config)
+
+
 def _as_schedule(lr_schedule):
     if lr_schedule is None or lr_schedule == "constant":
         return ConstantLR()
@@ -469,9 +626,11 @@ def _as_schedule(lr_schedule):
         return InverseTimeDecay(float(lr_schedule))
     if callable(lr_schedule) and hasattr(lr_schedule, "config"):
         return lr_schedule
+    if callable(lr_schedule):
+        return FunctionSchedule(lr_schedule)
     raise ValueError(
-        f"`lr_schedule` must be None, 'constant', a decay rate or an optim schedule, "
-        f"got {lr_schedule!r}."
+        f"`lr_schedule` must be None, 'constant', a decay rate, an optim schedule or a "
+        f"function epoch -> lr, got {lr_schedule!r}."
     )
 
 
@@ -515,6 +674,15 @@ class _InterruptGuard:
         if self.pending is not None:
             signum, self.pending = self.pending, None
             raise TrainingInterrupted(signum)
+
+
+def _postfix(logs: dict) -> dict:
+    """What the progress bar shows after its counts, in this order (tqdm keeps a dict's)."""
+    shown = {"loss": f"{logs['loss']:.4f}", "acc": f"{logs['accuracy']:.3f}",
+             "ex_s": f"{logs['examples_per_s']:,.0f}"}
+    if "val_loss" in logs:
+        shown.update(val_loss=f"{logs['val_loss']:.4f}", val_acc=f"{logs['val_accuracy']:.3f}")
+    return shown
 
 
 def _progress_bar(enabled: bool, n_steps: int, epoch: int, done: int):

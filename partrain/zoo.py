@@ -6,24 +6,25 @@ from .layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
 from .model import Sequential
 
 
-def signs_cnn(seed: int = 0, dtype="float32") -> Sequential:
-    """SIGNS hand signs, 64x64x3 -> 6 classes.
+def signs_cnn(seed: int = 0, dtype="float32", n_classes: int = 6) -> Sequential:
+    """SIGNS hand signs, 64x64x3 -> 6 classes (or `n_classes`).
 
     Conv 3x3, 10 filters, stride 2, pad 2 -> 33x33x10; ReLU; MaxPool f=2 stride 1 -> 32x32x10;
     Flatten 10240; Dense 6.
     """
-    layers = [Conv2D(10, 3, stride=2, pad=2), ReLU(), MaxPool2D(2, stride=1), Flatten(), Dense(6)]
+    layers = [Conv2D(10, 3, stride=2, pad=2), ReLU(), MaxPool2D(2, stride=1), Flatten(),
+              Dense(n_classes)]
     return Sequential(layers, (64, 64, 3), seed=seed, dtype=dtype)
 
 
-def mnist_cnn(seed: int = 0, dtype="float32") -> Sequential:
-    """MNIST digits, 28x28x1 -> 10 classes.
+def mnist_cnn(seed: int = 0, dtype="float32", n_classes: int = 10) -> Sequential:
+    """MNIST digits, 28x28x1 -> 10 classes (or `n_classes`).
 
     Conv 5x5 8 -> 24x24x8; ReLU; Conv 5x5 8 -> 20x20x8; ReLU; MaxPool 2 stride 2 -> 10x10x8;
     Flatten 800; Dense 128; ReLU; Dense 10.
     """
     layers = [Conv2D(8, 5), ReLU(), Conv2D(8, 5), ReLU(), MaxPool2D(2, stride=2), Flatten(),
-              Dense(128), ReLU(), Dense(10)]
+              Dense(128), ReLU(), Dense(n_classes)]
     return Sequential(layers, (28, 28, 1), seed=seed, dtype=dtype)
 
 
@@ -53,13 +54,13 @@ def mlp(dims: tuple[int, ...] = (784, 100, 100, 10), dropout: float = 0.0,
     return model
 
 
-def digits_cnn(seed: int = 0, dtype="float32") -> Sequential:
-    """scikit-learn's 8x8 digits -> 10 classes.
+def digits_cnn(seed: int = 0, dtype="float32", n_classes: int = 10) -> Sequential:
+    """scikit-learn's 8x8 digits -> 10 classes (or `n_classes`).
 
     Conv 3x3, 16 filters, pad 1 -> 8x8x16; ReLU; MaxPool 2 stride 2 -> 4x4x16; Flatten 256;
     Dense 10.
     """
-    layers = [Conv2D(16, 3, pad=1), ReLU(), MaxPool2D(2, stride=2), Flatten(), Dense(10)]
+    layers = [Conv2D(16, 3, pad=1), ReLU(), MaxPool2D(2, stride=2), Flatten(), Dense(n_classes)]
     return Sequential(layers, (8, 8, 1), seed=seed, dtype=dtype)
 
 

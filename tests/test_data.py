@@ -571,3 +571,82 @@ def test_registry_and_dataset_properties():
     assert ds.input_shape == (2, 2, 1) and "train=(2, 2, 2, 1)" in repr(ds)
     with pytest.raises(DataError, match=r"Dataset 'x' \(test\)"):
         Dataset("x", ds.x_train, ds.y_train, ds.x_test, ds.y_train, ("a", "b"), "test")
+
+
+# ------------------------------------------------------------------------------ one split only
+# (issue 12: evaluation needs only the split it evaluates; classes come from the dataset)
+
+
+def test_mnist_test_split_needs_and_downloads_only_the_t10k_files(tmp_path, monkeypatch):
+    served = tmp_path / "server"
+    blobs = write_fake_mnist(served)
+    use_mirrors(monkeypatch, "mnist", (served.as_uri() + "/",), blobs)
+    cache = tmp_path / "cache"
+    ds = load_dataset("mnist", data_dir=cache, split="test")
+    assert sorted(p.name for p in (cache / "mnist").iterdir()) == sorted(IDX_FILES[2:])
+    assert ds.x_test.shape == (5, 28, 28, 1) and ds.x_train.shape == (0, 28, 28, 1)
+    assert ds.y_train.shape == (0,) and ds.input_shape == (28, 28, 1) and ds.n_classes == 10
+    with pytest.raises(FileNotFoundError, match="train files") as info:
+        load_dataset("mnist", data_dir=cache, split="train", download=False)
+    assert "t10k" not in str(info.value)
+
+
+def test_real_mnist_t10k_only_folder_loads_its_test_split():
+    """The shared folder holds only the two t10k files (checked against their SHA-256)."""
+    if not (MNIST_DIR / IDX_FILES[2]).is_file() or (MNIST_DIR / IDX_FILES[0]).is_file():
+        pytest.skip(f"needs a t10k-only MNIST folder at {MNIST_DIR}")
+    ds = load_dataset("mnist", data_dir=SHARED, split="test", download=False)
+    assert len(ds.x_test) == 10000 and len(ds.x_train) == 0
+
+
+def test_signs_test_split_needs_only_test_signs(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    np.savez(tmp_path / "test_signs.npz", x=x, y=np.array([0, 5, 2]), classes=np.arange(6))
+    ds = load_dataset("signs", data_dir=tmp_path, split="test")
+    assert ds.x_test.shape == (3, 64, 64, 3) and len(ds.x_train) == 0 and ds.n_classes == 6
+    with pytest.raises(FileNotFoundError, match=r"train_signs\.h5"):
+        load_dataset("signs", data_dir=tmp_path)
+
+
+def test_npz_in_the_signs_layout_is_a_test_set(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (4, 5, 5, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", x=x, y=np.array([[1, 0, 2, 1]]), classes=np.array([7, 8, 9]))
+    ds = load_dataset(f"npz:{tmp_path / 's.npz'}", split="test")
+    np.testing.assert_array_equal(ds.y_test, [1, 0, 2, 1])
+    assert ds.class_names == ("7", "8", "9") and ds.x_test.max() <= 1.0 and len(ds.x_train) == 0
+    with pytest.raises(DataError, match=r"SIGNS layout.*test set only.*x_train"):
+        load_dataset(f"npz:{tmp_path / 's.npz'}")
+
+
+def test_split_leaves_the_other_split_empty_for_every_loader(tmp_path):
+    for name in ("synthetic", save_npz(tmp_path / "d.npz")):
+        test_only = load_dataset(name, split="test")
+        train_only = load_dataset(name, split="train")
+        both = load_dataset(name)
+        assert len(test_only.x_train) == len(train_only.x_test) == 0
+        np.testing.assert_array_equal(test_only.x_test, both.x_test)
+        np.testing.assert_array_equal(train_only.y_train, both.y_train)
+        assert test_only.input_shape == both.input_shape
+
+
+def test_standardize_needs_the_training_split():
+    with pytest.raises(ValueError, match="standardize.*training split"):
+        load_dataset("digits", normalize="standardize", split="test")
+    with pytest.raises(ValueError, match="Invalid split"):
+        load_dataset("digits", split="validation")
+
+
+def test_npz_class_count_comes_from_the_labels_not_the_largest_one(tmp_path):
+    """Labels 0, 5 and 99: three classes (not 100), renumbered 0..2 and named '0', '5', '99',
+    with a warning that says what was found."""
+    spec = save_npz(tmp_path / "d.npz", y_train=np.array([0, 99, 5, 99]), y_test=np.array([5, 0]))
+    with pytest.warns(data.DataWarning, match=r"3 distinct values \(0, 5, 99\).*97 of 0\.\.99"):
+        ds = load_dataset(spec)
+    assert ds.n_classes == 3 and ds.class_names == ("0", "5", "99")
+    np.testing.assert_array_equal(ds.y_train, [0, 2, 1, 2])
+    np.testing.assert_array_equal(ds.y_test, [1, 0])
+
+
+def test_npz_labels_already_0_to_k_minus_1_are_kept_silently(tmp_path, recwarn):
+    ds = load_dataset(save_npz(tmp_path / "d.npz"))
+    assert ds.class_names == ("0", "1", "2") and not recwarn.list

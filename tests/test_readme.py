@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,15 +16,34 @@ def _fenced(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
 
 
-def test_quick_start_runs_and_learns(tmp_path, monkeypatch):
-    """The Python quick start, verbatim, trains digits_cnn to > 90 % validation accuracy."""
+def test_quick_start_runs_and_learns(tmp_path, monkeypatch, capsys):
+    """The Python quick start, verbatim, without a warning: digits_cnn on 2 processes reaches
+    > 85 % on the held-out part of the training set and > 92 % on the test set (measured:
+    0.896 and 0.958), with start-up time reported apart."""
     pytest.importorskip("sklearn")
     block = next(b for b in _fenced("python") if "load_dataset(\"digits\")" in b)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(block, "README quick start", "exec"), namespace)
-    assert namespace["history"].history["val_accuracy"][-1] > 0.9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exec(compile(block, "README quick start", "exec"), namespace)
+    history = namespace["history"].history
+    assert len(history["val_accuracy"]) == 5 and history["val_accuracy"][-1] > 0.85
+    printed = capsys.readouterr().out.split()
+    assert float(printed[0]) == history["val_accuracy"][-1] and float(printed[1]) > 0.92
+    assert history["startup_s"][0] > 0 and history["startup_s"][1:] == [0.0] * 4
     assert (tmp_path / "digits.npz").is_file()
+
+
+def test_grid_search_example_runs(capsys):
+    """The README's GridSearchCV example, verbatim (measured: {'lr': 0.005} 0.928)."""
+    pytest.importorskip("sklearn")
+    block = next(b for b in _fenced("python") if "GridSearchCV(" in b)
+    namespace: dict = {}
+    exec(compile(block, "README GridSearchCV example", "exec"), namespace)
+    search = namespace["search"]
+    assert search.best_params_ == {"lr": 0.005} and search.best_score_ > 0.88
+    assert capsys.readouterr().out.startswith("{'lr': 0.005} 0.9")
 
 
 def test_ci_runs_the_readme_test_command():

@@ -682,7 +682,8 @@ def test_bad_fit_argument_is_named_before_any_worker_starts(fit_args, match):
 @pytest.mark.parametrize("monitor, n_jobs", [("loss", 1), ("val_accuracy", 2)])
 def test_early_stopping_stops_and_restores_the_best_params(monitor, n_jobs):
     """No improvement can beat min_delta=1e9: stop after epoch 1, params of epoch 0 back."""
-    stopper = EarlyStopping(monitor=monitor, patience=0, min_delta=1e9)
+    stopper = EarlyStopping(monitor=monitor, patience=0, min_delta=1e9,
+                            restore_best_weights=True)
     model, X, y, validation, kwargs = setup("batchnorm")
     with Trainer(model, n_jobs=n_jobs, **kwargs) as trainer:
         trainer.fit(X, y, epochs=10, validation_data=validation, callbacks=[stopper])
