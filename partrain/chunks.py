@@ -24,8 +24,9 @@ from .model import Sequential
 MIN_CHUNK_FLOPS = 30e6  # below this a chunk's matmuls get too small to run efficiently
 MIN_CHUNK_EXAMPLES = 16  # mnist_cnn: 8-example chunks ran 15-35% slower per example than 16
 # The smallest chunk whose per-example cost stays within 5 % of the cheapest chunk size, per
-# zoo network (float32, one BLAS thread): `python scripts/chunk_efficiency.py`.
-MEASURED_CHUNKS = {"mnist-cnn": 16, "signs-cnn": 8, "mlp": 64, "digits-cnn": 32}
+# zoo network (float32, one BLAS thread, native kernels): `python scripts/chunk_efficiency.py`,
+# output in scripts/bench/chunk_efficiency.txt (signs-cnn and mnist-cnn from a 25-round rerun).
+MEASURED_CHUNKS = {"mnist-cnn": 16, "signs-cnn": 8, "mlp": 128, "digits-cnn": 64}
 
 
 class WorkerCrashError(RuntimeError):
