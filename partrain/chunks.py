@@ -207,7 +207,8 @@ def compute_group(model: Sequential, params: np.ndarray, X: np.ndarray, y: np.nd
                                    grad_slots[k], stats_slots[k] if has_stats else None)
 
 
-def tree_pairs(n_chunks: int) -> list[tuple[int, int, int]]:
+@functools.cache
+def tree_pairs(n_chunks: int) -> tuple[tuple[int, int, int], ...]:
     """The additions of the fixed pairwise tree over chunk indices, bottom-up.
 
     Node (width w, first chunk a) covers chunks [a, min(a + w, n)); it is its left child plus
@@ -221,7 +222,7 @@ def tree_pairs(n_chunks: int) -> list[tuple[int, int, int]]:
             if left + width < n_chunks:
                 pairs.append((left, left + width, min(left + 2 * width, n_chunks)))
         width *= 2
-    return pairs
+    return tuple(pairs)  # cached: computed once per chunk count, not at every step
 
 
 def reduce_tree(slots: np.ndarray, n_chunks: int, inside: tuple[int, int] | None = None,
