@@ -1,12 +1,12 @@
 """The Dask engine: a minibatch's chunks computed on a Dask cluster, local or remote.
 
-Every worker process of the cluster holds one `ChunkServer`, a Dask *actor*, for the whole
-life of the engine's training set: the model rebuilt from its config, the training set, and
-this worker's share of the step's gradients. A step is then one direct message per worker,
-client to worker with no scheduler and no task graph in between: the parameter vector (with
-the batch-norm buffers), the batch indices, the step key and the worker's chunks go out; the
-gradient of its chunks comes back. The worker holding the first chunks returns their sum (the
-beginning of the master's ordered sum, so exact); the others return one gradient per chunk.
+Every worker process of the cluster holds one `ChunkServer`, a Dask *actor*, for as long as
+the training set is bound (a `fit`): the model rebuilt from its config and the training set.
+A step is then one direct message per worker, client to worker with no scheduler and no task
+graph in between: out go the parameter vector (with the batch-norm buffers) and one int64
+array naming the step key, the worker's chunks and the batch indices; back comes the gradient
+of its chunks. The worker holding the first chunks returns their sum (the first terms of the
+master's ordered sum, so the result is unchanged); the others return one gradient per chunk.
 
 Same arithmetic as the other engines (every chunk goes through `chunks.compute_chunk`, the
 master adds up in chunk order), so the parameters after training are bit-for-bit those of the
@@ -24,6 +24,8 @@ import os
 import pickle
 import secrets
 import socket
+import struct
+import threading
 import time
 import traceback
 import warnings
@@ -64,18 +66,22 @@ LOCAL_CLUSTER_CONFIG = {
     "distributed.worker.memory.monitor-interval": "1s",
 }
 LOST_WORKER_S = 30.0  # a worker that failed is not used again for this long (if still listed)
-INLINE_MAX_S = 0.5  # steps computing less than this run on the workers' event loops
+# Steps whose last compute took less than this run on the workers' event loops (two thread
+# hand-offs fewer per step); longer ones in the actor thread, the worker answering meanwhile.
+INLINE_MAX_S = 0.5
 
 # ----------------------------------------------------------------------------- worker side
 
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """What a worker needs to rebuild the model of one engine."""
+    """What a worker needs to rebuild the model of one engine, and how to serve it."""
 
     model_config: dict
     imports: tuple[str, ...]  # modules defining custom layers (see layers.register_layer)
     blas_threads: int
+    listen: bool = False  # serve steps on a TCP socket of its own (transport "socket")
+    accept_timeout: float = 60.0  # seconds the socket waits for the engine to connect
 
 
 _PROCESS = {"blas_threads": None}  # per worker process: the BLAS thread limit in force
@@ -91,10 +97,13 @@ class RemoteTraceback(Exception):
 class ChunkServer:
     """A Dask actor: the model and the training set resident on one worker process.
 
-    Created once per worker for a training set (`DaskEngine` does it). `step` computes a
-    group of chunks of one step in the worker's actor thread; `step_inline` does the same on
-    the worker's event loop, saving two thread hand-offs per step (the engine uses it while
-    steps are short, see INLINE_MAX_S).
+    Created once per worker for a training set (`DaskEngine` does it). With `spec.listen`
+    it also listens on a TCP port of the worker's host (`endpoint()`) and serves the engine's
+    steps there from a thread of its own: per step one request and one reply over one
+    connection, read and written straight into NumPy buffers, with no event loop, thread
+    hand-off or serialisation layer in between (transport "socket"). Otherwise the engine
+    calls `step` (in the worker's actor thread) or `step_inline` (on its event loop, two
+    thread hand-offs fewer, while steps are short, see INLINE_MAX_S) through Dask.
     """
 
     def __init__(self, spec: ServerSpec, X: np.ndarray, y: np.ndarray):
@@ -108,6 +117,50 @@ class ChunkServer:
             _PROCESS["blas_threads"] = spec.blas_threads
         self.model = Sequential.from_config(spec.model_config)
         self.X, self.y = X, y
+        self._listener = None
+        if spec.listen:
+            host = distributed.comm.get_address_host(distributed.get_worker().address)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self._listener = socket.create_server((host, 0), family=family)
+            self._listener.settimeout(spec.accept_timeout)
+            self._secret = secrets.token_bytes(SECRET_BYTES)
+            threading.Thread(target=self._serve, name="partrain-chunk-server",
+                             daemon=True).start()
+
+    def endpoint(self) -> tuple[str, int, bytes]:
+        """(host, port, secret) of this server's socket; the engine sends the secret first."""
+        return (*self._listener.getsockname()[:2], self._secret)
+
+    def _serve(self) -> None:
+        """The socket's thread: accept the engine's connection, then answer its requests
+        until it closes the connection (then drop the model and data)."""
+        try:
+            connection, _ = self._listener.accept()
+        except OSError:  # nobody came (the engine uses another transport or went away)
+            return
+        finally:
+            self._listener.close()
+        with connection:
+            connection.settimeout(None)
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                if bytes(receive(connection, SECRET_BYTES)) != self._secret:
+                    return
+                while True:
+                    kind, n_plan, n_state = HEADER.unpack(receive(connection, HEADER.size))
+                    if kind != STEP:
+                        return
+                    plan = np.frombuffer(receive(connection, n_plan), np.int64)
+                    state = np.frombuffer(receive(connection, n_state), self.model.dtype)
+                    values, info, error = self.step(state, plan)
+                    if error is None:
+                        send_message(connection, OK, values, info)
+                    else:
+                        send_message(connection, FAILED, pickle.dumps(error), info)
+            except (OSError, EOFError):  # the engine closed the connection or went away
+                return
+            finally:
+                self.model = self.X = self.y = None
 
     def step(self, state: np.ndarray, plan: np.ndarray) -> tuple:
         """Compute the chunks `plan` names (see `pack_plan`) with the parameters and buffers
@@ -171,6 +224,49 @@ def unpack_plan(plan: np.ndarray) -> tuple:
     return step_key, ids, [(int(a), int(b)) for a, b in bounds], plan[at + 3 * n_ids:]
 
 
+# The socket transport: a request is HEADER (STEP, plan bytes, state bytes), the plan (int64)
+# and the state (the model's dtype); a reply is HEADER (OK, values bytes, info bytes), the
+# values and the info (float64), or (FAILED, pickled (exception, traceback) bytes, info bytes).
+HEADER = struct.Struct("<QQQ")
+STEP, OK, FAILED = 1, 2, 3
+SECRET_BYTES = 16
+
+
+def receive(sock: socket.socket, n_bytes: int, into: np.ndarray | None = None,
+            on_timeout=None) -> memoryview:
+    """Exactly `n_bytes` from `sock` (into `into`'s buffer when given); EOFError if the peer
+    closed the connection. A socket timeout calls `on_timeout()` (which may raise), then
+    reading goes on."""
+    buffer = memoryview(bytearray(n_bytes) if into is None else into).cast("B")
+    view = buffer
+    while view.nbytes:
+        try:
+            n = sock.recv_into(view)
+        except TimeoutError:
+            if on_timeout is None:
+                raise
+            on_timeout()
+            continue
+        if n == 0:
+            raise EOFError("connection closed by the peer")
+        view = view[n:]
+    return buffer
+
+
+def send_message(sock: socket.socket, kind: int, first, second, on_timeout=None) -> None:
+    """HEADER then the two buffers (NumPy arrays or bytes), without copying them. A socket
+    timeout calls `on_timeout()` (which may raise), then sending goes on."""
+    first, second = memoryview(first).cast("B"), memoryview(second).cast("B")
+    for view in (memoryview(HEADER.pack(kind, first.nbytes, second.nbytes)), first, second):
+        while view.nbytes:
+            try:
+                view = view[sock.send(view):]
+            except TimeoutError:
+                if on_timeout is None:
+                    raise
+                on_timeout()
+
+
 def _portable(exc: Exception) -> tuple[Exception, str]:
     """(exc, its traceback) if it pickles; else a RuntimeError naming it."""
     text = traceback.format_exc()
@@ -205,11 +301,12 @@ class _WorkerLost(Exception):
     """Internal: a worker holding a ChunkServer could not be reached or went away."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Server:
     address: str
     future: distributed.Future  # keeps the actor alive on its worker
     actor: distributed.Actor
+    sock: socket.socket | None = None  # transport "socket": the connection to its thread
 
 
 class DaskEngine(Engine):
@@ -249,23 +346,28 @@ class DaskEngine(Engine):
 
     Notes
     -----
-    `bind` scatters the training set to every worker and starts one `ChunkServer` actor per
-    worker process holding it. Per step the master sends each server, directly (the client
-    talks to the workers, `direct_to_workers=True`), the state vector and its chunks, and
-    waits; the scheduler is asked only every WORKERS_REFRESH_S seconds which workers exist, to
-    adopt new ones. A worker that cannot be reached is dropped and the step re-run on the
-    others (results unchanged). `last_bytes` records what the last step moved.
+    The first step after `bind` scatters the training set to every worker and starts one
+    `ChunkServer` actor per worker process, which keeps it. Per step the master sends each
+    server, directly (a client with `direct_to_workers=True`: a Client passed without it gets
+    a second one, of the engine's own), the state vector and its chunks, and waits, checking
+    for an interrupt every WAIT_SLICE_S; the scheduler is asked which workers exist only every
+    WORKERS_REFRESH_S seconds, to adopt new ones. A worker that cannot be reached is dropped
+    and the step re-run on the others, results unchanged. `last_bytes` records what the last
+    step moved.
     """
 
     def __init__(self, model: Sequential, chunk_size: int, n_jobs: int, batch_size: int,
                  blas_threads: int = 1, max_restarts: int = 3,
                  scheduler: str | distributed.Client | None = None, step_timeout: float = 300.0,
-                 connect_timeout: float = 10.0, check_interrupt=None):
+                 connect_timeout: float = 10.0, transport: str = "auto",
+                 check_interrupt=None):
         super().__init__(model, chunk_size, check_interrupt)
+        if transport not in ("auto", "socket", "actor"):
+            raise ValueError(f"`transport` must be 'auto', 'socket' or 'actor', got "
+                             f"{transport!r}.")
         self.max_restarts = int(max_restarts)
         self.step_timeout = float(step_timeout)
         self.connect_timeout = float(connect_timeout)
-        self._spec = ServerSpec(model.config(), worker_imports(model), int(blas_threads))
         self._token = secrets.token_hex(6)
         self._serial = itertools.count()
         self._data: list[distributed.Future] = []
@@ -305,6 +407,11 @@ class DaskEngine(Engine):
                 "`scheduler` must be None, an address 'tcp://host:port' or a distributed.Client, "
                 f"got {type(scheduler).__name__}."
             )
+        self.transport = transport if transport != "auto" else \
+            "socket" if self.address.startswith("tcp://") else "actor"
+        self._spec = ServerSpec(model.config(), worker_imports(model), int(blas_threads),
+                                listen=self.transport == "socket",
+                                accept_timeout=max(60.0, 2 * self.connect_timeout))
         self._wait_for_a_worker()
 
     def _connect(self, address: str, **options) -> distributed.Client:
@@ -341,6 +448,8 @@ class DaskEngine(Engine):
         for server in list(servers):
             if server in self._servers:
                 self._servers.remove(server)
+                if server.sock is not None:
+                    server.sock.close()  # its thread ends and drops the model and data
                 server.future.release()  # the scheduler forgets the actor; its worker drops it
             if lost:
                 self._lost[server.address] = time.monotonic()
@@ -419,8 +528,33 @@ class DaskEngine(Engine):
                     raise  # the server's own exception, e.g. ModuleNotFoundError
                 future.release()  # the worker went away or is stuck: do without it
                 continue
-            self._servers.append(_Server(address, future, actor))
+            server = _Server(address, future, actor)
+            if self.transport == "socket":
+                try:
+                    server.sock = self._open_socket(actor)
+                except (OSError, TimeoutError) as exc:
+                    warnings.warn(
+                        f"Cannot reach the partrain ChunkServer on the Dask worker at {address} "
+                        f"({type(exc).__name__}: {exc}); that worker is not used. With "
+                        "backend_options={'transport': 'actor'} steps travel through Dask "
+                        "instead.", RuntimeWarning, stacklevel=2)
+                    future.release()
+                    self._lost[address] = time.monotonic()
+                    continue
+            self._servers.append(server)
         self._servers.sort(key=lambda s: s.address)
+
+    def _open_socket(self, actor) -> socket.socket:
+        """A connection to the socket of `actor` (a ChunkServer), its secret sent."""
+        host, port, secret = actor.endpoint().result(timeout=self.connect_timeout)
+        sock = socket.create_connection((host, port), timeout=self.connect_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(secret)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     # -- one step
 
@@ -450,33 +584,30 @@ class DaskEngine(Engine):
                     stacklevel=2)
 
     def _dispatch(self, servers, state, batch_idx, chunks, step_key):
-        """One attempt at a step: a `step` call per server, then wait for all of them."""
+        """One attempt at a step: each server's chunks out, then wait for all replies."""
         groups = split_evenly(list(enumerate(chunks)), len(servers))
-        requests = [(server, state, pack_plan(step_key, group, batch_idx))
-                    for server, group in zip(servers, groups)]
-        inline = self._last_compute < INLINE_MAX_S
-        calls = [None] * len(requests)
+        servers = servers[:len(groups)]
+        plans = [pack_plan(step_key, group, batch_idx) for group in groups]
         deadline = time.monotonic() + self.step_timeout
-        while True:  # in slices, to honour an interrupt
+
+        def waiting():  # called every WAIT_SLICE_S while a reply is awaited
             self.check_interrupt()
-            remaining = deadline - time.monotonic()
-            try:
-                outcomes = self._client.sync(self._call_and_wait, requests, calls, inline,
-                                             callback_timeout=max(min(WAIT_SLICE_S, remaining),
-                                                                  1e-3))
-                break
-            except TimeoutError:
-                if time.monotonic() >= deadline:
-                    raise WorkerCrashError(
-                        f"A step took longer than step_timeout={self.step_timeout:g} s on "
-                        f"the Dask cluster at {self.address} (step key {step_key}). Are "
-                        "its workers alive and not overloaded?"
-                    ) from None
+            if time.monotonic() >= deadline:
+                raise WorkerCrashError(
+                    f"A step took longer than step_timeout={self.step_timeout:g} s on the "
+                    f"Dask cluster at {self.address} (step key {step_key}). Are its workers "
+                    "alive and not overloaded?")
+
+        exchange = self._exchange_sockets if self.transport == "socket" else \
+            self._exchange_actors
+        wait_slice = max(1e-4, min(WAIT_SLICE_S, self.step_timeout))
+        outcomes = exchange(servers, state, plans, waiting, wait_slice)
+        waiting()  # the step may have ended between two checks, yet too late
         for outcome in outcomes:  # a chunk's own exception first: a re-run would raise it too
             if isinstance(outcome, tuple) and outcome[2] is not None:
                 exc, text = outcome[2]
                 raise exc from RemoteTraceback(text)
-        lost = [(server, outcome) for (server, _, _), outcome in zip(requests, outcomes)
+        lost = [(server, outcome) for server, outcome in zip(servers, outcomes)
                 if not isinstance(outcome, tuple)]
         if lost:
             self._drop_servers([server for server, _ in lost], lost=True)
@@ -496,15 +627,64 @@ class DaskEngine(Engine):
             n_bytes += values.nbytes
             busy.append(float(info[0]))
         self._last_compute = max(busy)
-        self.last_bytes = {"params": state.nbytes, "workers": len(requests), "grads": n_bytes}
+        self.last_bytes = {"params": state.nbytes, "workers": len(servers), "grads": n_bytes}
         return busy
 
+    def _exchange_sockets(self, servers, state, plans, waiting, wait_slice) -> list:
+        """Transport "socket": send every request, then read every reply, in server order,
+        calling `waiting` every `wait_slice` seconds of waiting. Each outcome is (values,
+        info, error) or the exception that lost its worker."""
+        outcomes: list = [None] * len(servers)
+        try:
+            for i, (server, plan) in enumerate(zip(servers, plans)):
+                server.sock.settimeout(wait_slice)
+                try:
+                    send_message(server.sock, STEP, plan, state, waiting)
+                except OSError as exc:
+                    outcomes[i] = exc
+            for i, server in enumerate(servers):
+                if outcomes[i] is None:
+                    try:
+                        outcomes[i] = self._reply(server.sock, waiting)
+                    except (OSError, EOFError) as exc:
+                        outcomes[i] = exc
+        except BaseException:  # interrupted or timed out mid-message: the streams are lost
+            self._drop_servers(servers)
+            raise
+        return outcomes
+
+    def _reply(self, sock: socket.socket, waiting) -> tuple:
+        """One server's reply: (values, info, None) or (None, info, (exception, text))."""
+        kind, n_first, n_info = HEADER.unpack(receive(sock, HEADER.size, on_timeout=waiting))
+        if kind == OK:
+            values = np.empty(n_first // np.dtype(self.model.dtype).itemsize, self.model.dtype)
+            receive(sock, n_first, values, waiting)
+        else:
+            error = pickle.loads(receive(sock, n_first, on_timeout=waiting))
+        info = np.empty(n_info // 8, np.float64)
+        receive(sock, n_info, info, waiting)
+        return (values, info, None) if kind == OK else (None, info, error)
+
+    def _exchange_actors(self, servers, state, plans, waiting, wait_slice) -> list:
+        """Transport "actor": a `step` call per server through Dask, waited for in slices
+        of `wait_slice` seconds, calling `waiting` between them."""
+        inline = self._last_compute < INLINE_MAX_S
+        requests = list(zip(servers, plans))
+        calls: list = [None] * len(requests)
+        while True:
+            waiting()
+            try:
+                return self._client.sync(self._call_and_wait, requests, state, calls, inline,
+                                         callback_timeout=wait_slice)
+            except TimeoutError:
+                continue
+
     @staticmethod
-    async def _call_and_wait(requests: list, calls: list, inline: bool) -> list:
+    async def _call_and_wait(requests: list, state, calls: list, inline: bool) -> list:
         """On the client's event loop: start the `step` calls not started yet (`calls[i]` is
         None), then wait for all; each outcome is the call's result, or the exception that
         says its worker could not be reached."""
-        for i, (server, state, plan) in enumerate(requests):
+        for i, (server, plan) in enumerate(requests):
             if calls[i] is None:
                 try:
                     method = server.actor.step_inline if inline else server.actor.step

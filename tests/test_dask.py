@@ -48,6 +48,7 @@ from partrain import dask_engine  # noqa: E402
 from partrain.dask_engine import DaskEngine  # noqa: E402
 
 N_WORKERS = 2
+TRANSPORTS = ("socket", "actor")  # steps over the servers' own sockets, or through Dask
 SLEEP_S = 0.4  # how long a SleepOnSentinel layer makes a poisoned chunk last
 
 
@@ -151,13 +152,14 @@ class KillWorkerAt(Callback):
 # ----------------------------------------------------------------------------- determinism
 
 
-def test_dask_gives_the_parameters_of_loky_and_of_one_process(client):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_dask_gives_the_parameters_of_loky_and_of_one_process(client, transport):
     """Dropout CNN, 2 epochs: dask (scheduler address) == loky n_jobs=2 == n_jobs=1."""
     serial = train(cnn_dropout, n_jobs=1)
     assert_same(train(cnn_dropout, n_jobs=2), serial)
     address = client.scheduler.address
-    assert_same(train(cnn_dropout, backend="dask", scheduler=address),
-                serial)
+    assert_same(train(cnn_dropout, backend="dask", scheduler=address,
+                      backend_options={"transport": transport}), serial)
 
 
 def test_batchnorm_statistics_and_ragged_batches_match_one_process(client):
@@ -167,17 +169,27 @@ def test_batchnorm_statistics_and_ragged_batches_match_one_process(client):
     assert_same(got, expected)
 
 
-def test_a_step_sends_the_state_once_per_worker_and_no_task(client):
+def server_threads(client) -> list[str]:
+    """Names of the ChunkServer socket threads alive on the workers."""
+    names = client.run(lambda: [t.name for t in threading.enumerate()])
+    return [name for found in names.values() for name in found
+            if name == "partrain-chunk-server"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_step_sends_the_state_once_per_worker_and_no_task(client, transport):
     """last_bytes: the parameter vector (+ buffers) to each worker; back, the first worker's
     two chunks as ONE summed gradient, the second's two gradients, and 4 chunks' batch stats.
-    Steps after the first run no Dask task: only the workers' resident servers are called."""
+    Steps after the first run no Dask task: only the workers' resident servers are called.
+    After close(), no server thread is left on the workers."""
     model = mlp_batchnorm()
     X, y = make_data(model, 32)
-    engine = DaskEngine(model, 8, 1, 32, scheduler=client)
+    engine = DaskEngine(model, 8, 1, 32, scheduler=client, transport=transport)
     grad = np.empty_like(model.params)
     try:
         engine.bind(X, y)
         engine.gradient(np.arange(32), (0, 1, 0, 0), grad)  # starts the servers
+        assert len(server_threads(client)) == (N_WORKERS if transport == "socket" else 0)
         with distributed.get_task_stream(client=client) as tasks:
             for step in range(1, 4):
                 totals = engine.gradient(np.arange(32), (0, 1, 0, step), grad)
@@ -189,6 +201,10 @@ def test_a_step_sends_the_state_once_per_worker_and_no_task(client):
     assert engine.last_bytes == {
         "params": model.params.nbytes + model.buffers.nbytes, "workers": N_WORKERS,
         "grads": (1 + 2) * model.params.nbytes + 4 * model.buffers.nbytes}
+    deadline = time.monotonic() + 10
+    while server_threads(client) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server_threads(client) == []
 
 
 def test_workers_use_blas_threads(client):
@@ -241,7 +257,9 @@ class KillDuringNextStep(Callback):
             self.workers_after = trainer.engine.last_bytes["workers"]
 
 
-def test_worker_killed_during_a_step_is_replaced_and_the_step_recomputed(client, monkeypatch):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_worker_killed_during_a_step_is_replaced_and_the_step_recomputed(client, monkeypatch,
+                                                                          transport):
     """A worker SIGKILLed while it computes: the step is re-run on the others (warning), the
     parameters equal n_jobs=1, and the nanny's replacement is used by the following steps."""
     monkeypatch.setattr(dask_engine, "WORKERS_REFRESH_S", 0.0)  # re-list workers every step
@@ -249,7 +267,7 @@ def test_worker_killed_during_a_step_is_replaced_and_the_step_recomputed(client,
     killer = KillDuringNextStep(client, step=1)
     with pytest.warns(RuntimeWarning, match="Dask worker was lost"):
         got = train(slow_mlp, n=128, epochs=1, callbacks=[killer], poisoned=poisoned,
-                    backend="dask", scheduler=client)
+                    backend="dask", scheduler=client, backend_options={"transport": transport})
     assert len(killer.killed) == 1 and wait_gone(killer.killed) == []
     assert killer.workers_after == N_WORKERS
     assert_same(got, train(slow_mlp, n=128, epochs=1, poisoned=poisoned, n_jobs=1))
@@ -330,7 +348,8 @@ def test_lost_scheduler_ends_fit_with_one_line_and_the_last_checkpoint(tmp_path)
             proc.wait()
 
 
-def test_interrupt_during_a_step_stops_within_the_step(client, tmp_path):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_interrupt_during_a_step_stops_within_the_step(client, tmp_path, transport):
     """SIGINT while the workers compute a slow step: TrainingInterrupted well before the
     step would end, the checkpoint at the last completed step."""
     model = slow_mlp()
@@ -348,7 +367,8 @@ def test_interrupt_during_a_step_stops_within_the_step(client, tmp_path):
                 threading.Timer(SLEEP_S / 2, interrupt).start()
 
     trainer = Trainer(model, batch_size=64, chunk_size=8, progress=False, backend="dask",
-                      scheduler=client, checkpoint=checkpoint)
+                      scheduler=client, checkpoint=checkpoint,
+                      backend_options={"transport": transport})
     with pytest.raises(TrainingInterrupted):
         trainer.fit(X, y, epochs=1, shuffle=False, callbacks=[InterruptDuringNextStep()])
     stopped_after = time.monotonic() - sent[0]
@@ -357,11 +377,13 @@ def test_interrupt_during_a_step_stops_within_the_step(client, tmp_path):
     assert (meta["epoch"], meta["step_in_epoch"]) == (0, 1)
 
 
-def test_exception_in_a_task_keeps_its_type_and_training_can_go_on(client):
-    """ValueError in a task -> the same ValueError as with n_jobs=1; a new fit works; the
-    sequence equals n_jobs=1."""
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_exception_in_a_task_keeps_its_type_and_training_can_go_on(client, transport):
+    """ValueError in a task -> the same ValueError as with n_jobs=1, its remote traceback as
+    the cause; a new fit works; the sequence equals n_jobs=1."""
     final = []
-    for options in ({"n_jobs": 1}, {"backend": "dask", "scheduler": client}):
+    for options in ({"n_jobs": 1}, {"backend": "dask", "scheduler": client,
+                                    "backend_options": {"transport": transport}}):
         model = Sequential([RaiseOnSentinel(), Dense(16), ReLU(), Dense(10)], (64,), seed=0)
         X, y = make_data(model, 120)
         poisoned = X.copy()
@@ -372,6 +394,9 @@ def test_exception_in_a_task_keeps_its_type_and_training_can_go_on(client):
         assert type(info.value) is ValueError and str(info.value) == BAD_MESSAGE
         if "backend" in options:
             assert trainer._engine is None
+            cause = info.value.__cause__
+            assert isinstance(cause, dask_engine.RemoteTraceback)
+            assert "RaiseOnSentinel" in str(cause) or "forward" in str(cause)
         stopped_at = trainer.step_in_epoch
         trainer.fit(X, y, epochs=1, shuffle=False)
         trainer.close()
@@ -413,6 +438,8 @@ def test_bad_scheduler_argument_is_named():
     """Neither None, an address nor a Client: ValueError."""
     with pytest.raises(ValueError, match="`scheduler` must be.*got int"):
         DaskEngine(cnn_dropout(), 8, 1, 32, scheduler=8786)
+    with pytest.raises(ValueError, match="`transport` must be.*got 'udp'"):
+        DaskEngine(cnn_dropout(), 8, 1, 32, scheduler="tcp://127.0.0.1:1", transport="udp")
     with pytest.raises(ValueError, match="`scheduler` needs backend='dask'"):
         Trainer(cnn_dropout(), scheduler="tcp://127.0.0.1:8786")
 
