@@ -12,10 +12,12 @@ and times full training steps of one model in host B's namespace for each batch 
 - dask 2 hosts: the Dask backend on workers A and B, the state and gradients of worker A
   crossing the link each step.
 
-Per row: median step time, the busiest worker's compute, the Dask row's overhead against local
-n_jobs=2, the bytes the engine sends and receives per step, and the bytes that crossed the
-link per step (veth counters: payload plus TCP/IP headers). A second host pays when the Dask
-row's step is shorter than local n_jobs=1's.
+The three rows of a batch size live side by side and their timed windows are interleaved, so
+a busy host's drift touches them alike. Per row: median step time, the busiest worker's
+compute, the Dask row's overhead against local n_jobs=2, the bytes the engine sends and
+receives per step, and the bytes that crossed the link per step (veth counters: payload plus
+TCP/IP headers, and a little Dask heartbeat traffic). A second host pays when the Dask row's
+step is shorter than local n_jobs=1's.
 
 Every process runs in the namespaces created here, so no traffic leaves them; they are removed
 at the end, also after an error, Ctrl-C or SIGTERM (not after SIGKILL: then run
@@ -55,63 +57,80 @@ def link_bytes(device: str) -> int:
     return stats["rx"]["bytes"] + stats["tx"]["bytes"]
 
 
-def time_steps(model_name: str, batch_size: int, n_jobs: int, backend: str, scheduler,
-               device: str, repeats: int, duration: float, warmup: float) -> dict:
-    """Run full training steps (as `partrain bench` does) and time them."""
-    import numpy as np
+class Row:
+    """One configuration (n_jobs, backend) of host B, its trainer in a session, and the
+    step times of its timed windows."""
 
-    from partrain import Trainer, zoo
-    from partrain.optim import Adam
+    def __init__(self, stack, model_name: str, batch_size: int, n_jobs: int, backend: str,
+                 scheduler):
+        import numpy as np
 
-    model = zoo.get(model_name)
-    rng = np.random.default_rng(0)
-    n = max(2048, batch_size)
-    X = rng.random((n, *model.input_shape)).astype(model.dtype)
-    y = rng.integers(0, model.n_classes, n)
-    trainer = Trainer(model, Adam(1e-4), n_jobs=n_jobs, batch_size=batch_size, progress=False,
-                      backend=backend, scheduler=scheduler)
-    steps, computes, count = [], [], [0]
+        from partrain import Trainer, zoo
+        from partrain.optim import Adam
 
-    def step():
-        start = (count[0] * batch_size) % (n - batch_size + 1)
-        t0 = time.perf_counter()
-        trainer.train_step(np.arange(start, start + batch_size), 0, count[0])
-        steps.append(time.perf_counter() - t0)
-        computes.append(trainer.engine.last_timing.compute_max)
-        count[0] += 1
+        model = zoo.get(model_name)
+        rng = np.random.default_rng(0)
+        self.n = max(2048, batch_size)
+        X = rng.random((self.n, *model.input_shape)).astype(model.dtype)
+        y = rng.integers(0, model.n_classes, self.n)
+        self.trainer = stack.enter_context(Trainer(
+            model, Adam(1e-4), n_jobs=n_jobs, batch_size=batch_size, progress=False,
+            backend=backend, scheduler=scheduler))
+        stack.enter_context(self.trainer.session(X, y))
+        self.key = {"model": model_name, "batch_size": batch_size, "n_jobs": n_jobs,
+                    "backend": backend, "processes": self.trainer.plan.processes}
+        self.batch_size, self.count = batch_size, 0
+        self.steps, self.computes, self.link = [], [], 0
 
-    with trainer, trainer.session(X, y):
-        deadline = time.perf_counter() + warmup
-        step()
-        while time.perf_counter() < deadline:
-            step()
-        del steps[:], computes[:]
-        before, t0 = link_bytes(device), time.perf_counter()
-        while time.perf_counter() - t0 < repeats * duration:
-            step()
-        moved = link_bytes(device) - before
-        sent = getattr(trainer.engine, "last_bytes", None)
-        processes = trainer.plan.processes
-    return {"model": model_name, "batch_size": batch_size, "n_jobs": n_jobs,
-            "backend": backend, "processes": processes, "steps": len(steps),
-            "step_ms": 1e3 * statistics.median(steps),
-            "compute_ms": 1e3 * statistics.median(computes),
-            "engine_bytes": sent and sent["params"] * sent["workers"] + sent["grads"],
-            "link_bytes": moved / len(steps)}
+    def run(self, seconds: float, device: str | None) -> None:
+        """Steps for `seconds`; with `device`, add the bytes it moved meanwhile."""
+        import numpy as np
+
+        before = link_bytes(device) if device else 0
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            start = (self.count * self.batch_size) % (self.n - self.batch_size + 1)
+            t0 = time.perf_counter()
+            self.trainer.train_step(np.arange(start, start + self.batch_size), 0, self.count)
+            self.steps.append(time.perf_counter() - t0)
+            self.computes.append(self.trainer.engine.last_timing.compute_max)
+            self.count += 1
+        if device:
+            self.link += link_bytes(device) - before
+
+    def result(self) -> dict:
+        sent = getattr(self.trainer.engine, "last_bytes", None)
+        return {**self.key, "steps": len(self.steps),
+                "step_ms": 1e3 * statistics.median(self.steps),
+                "compute_ms": 1e3 * statistics.median(self.computes),
+                "engine_bytes": sent and sent["params"] * sent["workers"] + sent["grads"],
+                "link_bytes": self.link / len(self.steps)}
 
 
 def measure(args) -> None:
-    """In host B's namespace: the three rows of every batch size, as JSON lines."""
+    """In host B's namespace, per batch size: the three rows side by side, their timed
+    windows interleaved (a busy host drifts less between them); results as JSON lines."""
+    import contextlib
+
     from threadpoolctl import threadpool_limits
 
     scheduler = f"tcp://{HOST_A}:{PORT}"
+    slices = 4  # windows per repeat and row
     with threadpool_limits(1):
         for batch in args.batch_size:
-            for n_jobs, backend in ((1, "loky"), (2, "loky"), (2, "dask")):
-                row = time_steps(args.model, batch, n_jobs, backend,
-                                 scheduler if backend == "dask" else None, args.device,
-                                 args.repeats, args.duration, args.warmup)
-                print(json.dumps(row), flush=True)
+            with contextlib.ExitStack() as stack:
+                rows = [Row(stack, args.model, batch, n_jobs, backend,
+                            scheduler if backend == "dask" else None)
+                        for n_jobs, backend in ((1, "loky"), (2, "loky"), (2, "dask"))]
+                for row in rows:
+                    row.run(args.warmup, None)
+                    row.steps, row.computes = [], []
+                for _ in range(args.repeats * slices):
+                    for row in rows:
+                        row.run(args.duration / slices,
+                                args.device if row.key["backend"] == "dask" else None)
+                for row in rows:
+                    print(json.dumps(row.result()), flush=True)
 
 
 # ----------------------------------------------------------------------------- the machine
