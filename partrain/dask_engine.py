@@ -1,29 +1,41 @@
 """The Dask engine: a minibatch's chunks computed on a Dask cluster, local or remote.
 
-Same arithmetic as the loky engine (every chunk goes through `parallel.compute_chunk` with a
-model rebuilt from its config), so the parameters after training are bit-for-bit those of
-the serial and loky engines; an exception raised by a chunk reaches the caller as itself.
-What travels: the training set once per `fit` (broadcast to
-every worker), then per step the parameter vector once to each worker, a few indices per
-task, and each chunk's gradient back.
+Every worker process of the cluster holds one `ChunkServer`, a Dask *actor*, for as long as
+the training set is bound (a `fit`): the model rebuilt from its config and the training set.
+A step is then one direct message per worker, client to worker with no scheduler and no task
+graph in between: out go the parameter vector (with the batch-norm buffers) and one int64
+array naming the step key, the worker's chunks and the batch indices; back comes the gradient
+of its chunks. The worker holding the first chunks returns their sum (the first terms of the
+master's ordered sum, so the result is unchanged); the others return one gradient per chunk.
+
+Same arithmetic as the other engines (every chunk goes through `chunks.compute_chunk`, the
+master adds up in chunk order), so the parameters after training are bit-for-bit those of the
+serial and loky engines; an exception raised by a chunk reaches the caller as itself.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
+import itertools
+import logging
 import os
+import pickle
 import secrets
 import socket
+import struct
 import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 try:
+    import dask
     import distributed
-    from distributed.scheduler import KilledWorker
 except ImportError:  # pragma: no cover - depends on the environment
     raise ImportError(
         "backend='dask' needs dask.distributed: pip install 'partrain[dask]'."
@@ -35,69 +47,234 @@ from .chunks import (
     chunks_per_step,
     compute_chunk,
     keep_freed_memory,
+    reduce_in_order,
     split_evenly,
     worker_imports,
 )
 from .model import Sequential
 
-WORKERS_REFRESH_S = 5.0  # how often the master asks which workers the cluster has
+WORKERS_REFRESH_S = 5.0  # how often the master asks the scheduler which workers it has
 WAIT_SLICE_S = 0.1  # how often a waiting master checks for Ctrl-C / SIGTERM
+# A cluster the engine starts does less in the background (measured on 2 idle workers: the
+# scheduler, nannies and workers together took 115 ms of CPU per second, 16 ms with these):
+# no statistical profiler (it samples every thread every 10 ms), event-loop watchdog ticks
+# every second instead of every 20 ms, system and memory monitors every few seconds.
+LOCAL_CLUSTER_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "5s",
+    "distributed.worker.memory.monitor-interval": "1s",
+}
+LOST_WORKER_S = 30.0  # a worker that failed is not used again for this long (if still listed)
+# Steps whose last compute took less than this run on the workers' event loops (two thread
+# hand-offs fewer per step); longer ones in the actor thread, the worker answering meanwhile.
+INLINE_MAX_S = 0.5
 
 # ----------------------------------------------------------------------------- worker side
 
 
 @dataclass(frozen=True)
-class TaskSpec:
-    """What a worker needs to rebuild the model of one engine; small, sent with each task."""
+class ServerSpec:
+    """What a worker needs to rebuild the model of one engine, and how to serve it."""
 
-    token: str
     model_config: dict
     imports: tuple[str, ...]  # modules defining custom layers (see layers.register_layer)
     blas_threads: int
+    listen: bool = False  # serve steps on a TCP socket of its own (transport "socket")
+    accept_timeout: float = 60.0  # seconds the socket waits for the engine to connect
 
 
-_LOCAL = threading.local()  # per worker thread: (token, model) of the last engine served
 _PROCESS = {"blas_threads": None}  # per worker process: the BLAS thread limit in force
 
 
-def _worker_model(spec: TaskSpec) -> Sequential:
-    """This worker thread's model for `spec`, rebuilt only when the engine changes."""
-    cached = getattr(_LOCAL, "model", None)
-    if cached is None or cached[0] != spec.token:
+class RemoteTraceback(Exception):
+    """The traceback, as text, of an exception raised on a Dask worker (set as its cause)."""
+
+    def __str__(self) -> str:
+        return "\n" + self.args[0]
+
+
+class ChunkServer:
+    """A Dask actor: the model and the training set resident on one worker process.
+
+    Created once per worker for a training set (`DaskEngine` does it). With `spec.listen`
+    it also listens on a TCP port of the worker's host (`endpoint()`) and serves the engine's
+    steps there from a thread of its own: per step one request and one reply over one
+    connection, read and written straight into NumPy buffers, with no event loop, thread
+    hand-off or serialisation layer in between (transport "socket"). Otherwise the engine
+    calls `step` (in the worker's actor thread) or `step_inline` (on its event loop, two
+    thread hand-offs fewer, while steps are short, see INLINE_MAX_S) through Dask.
+    """
+
+    def __init__(self, spec: ServerSpec, X: np.ndarray, y: np.ndarray):
         for module in spec.imports:
             importlib.import_module(module)
         if _PROCESS["blas_threads"] != spec.blas_threads:
             from threadpoolctl import threadpool_limits
 
-            threadpool_limits(limits=spec.blas_threads)  # process-wide, kept for later tasks
+            threadpool_limits(limits=spec.blas_threads)  # process-wide, kept for later servers
             keep_freed_memory()
             _PROCESS["blas_threads"] = spec.blas_threads
-        cached = _LOCAL.model = (spec.token, Sequential.from_config(spec.model_config))
-    return cached[1]
+        self.model = Sequential.from_config(spec.model_config)
+        self.X, self.y = X, y
+        self._listener = None
+        if spec.listen:
+            host = distributed.comm.get_address_host(distributed.get_worker().address)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self._listener = socket.create_server((host, 0), family=family)
+            self._listener.settimeout(spec.accept_timeout)
+            self._secret = secrets.token_bytes(SECRET_BYTES)
+            threading.Thread(target=self._serve, name="partrain-chunk-server",
+                             daemon=True).start()
+
+    def endpoint(self) -> tuple[str, int, bytes]:
+        """(host, port, secret) of this server's socket; the engine sends the secret first."""
+        return (*self._listener.getsockname()[:2], self._secret)
+
+    def _serve(self) -> None:
+        """The socket's thread: accept the engine's connection, then answer its requests
+        until it closes the connection (then drop the model and data)."""
+        try:
+            connection, _ = self._listener.accept()
+        except OSError:  # nobody came (the engine uses another transport or went away)
+            return
+        finally:
+            self._listener.close()
+        with connection:
+            connection.settimeout(None)
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                if bytes(receive(connection, SECRET_BYTES)) != self._secret:
+                    return
+                while True:
+                    kind, n_plan, n_state = HEADER.unpack(receive(connection, HEADER.size))
+                    if kind != STEP:
+                        return
+                    plan = np.frombuffer(receive(connection, n_plan), np.int64)
+                    state = np.frombuffer(receive(connection, n_state), self.model.dtype)
+                    values, info, error = self.step(state, plan)
+                    if error is None:
+                        send_message(connection, OK, values, info)
+                    else:
+                        send_message(connection, FAILED, pickle.dumps(error), info)
+            except (OSError, EOFError):  # the engine closed the connection or went away
+                return
+            finally:
+                self.model = self.X = self.y = None
+
+    def step(self, state: np.ndarray, plan: np.ndarray) -> tuple:
+        """Compute the chunks `plan` names (see `pack_plan`) with the parameters and buffers
+        in `state`.
+
+        Returns (values, info, None): `values` holds the chunks' gradients then their batch
+        statistics, flat, in the model's dtype; `info` the seconds spent, then (loss sum,
+        n correct) per chunk, in float64. When the group starts with chunk 0 its gradients
+        come back as ONE row, their sum in chunk order: the first terms of the master's
+        ordered reduction, so the result is unchanged. A chunk's exception comes back as
+        (None, info, (exception, traceback text)) instead of being raised: an exception
+        from the call itself is then always about the cluster, never about a chunk.
+        """
+        t0 = time.perf_counter()
+        try:
+            step_key, chunk_ids, chunks, batch_idx = unpack_plan(plan)
+            model = self.model
+            n_params = state.size - model.buffers.size
+            params, model.buffers = state[:n_params], state[n_params:]
+            summed = chunk_ids[0] == 0 and len(chunk_ids) > 1
+            n_rows = 1 if summed else len(chunk_ids)
+            values = np.empty(n_rows * n_params + len(chunk_ids) * model.buffers.size,
+                              state.dtype)
+            grads = np.empty((len(chunk_ids), n_params), state.dtype) if summed else \
+                values[:n_rows * n_params].reshape(n_rows, n_params)
+            stats = values[n_rows * n_params:].reshape(len(chunk_ids), model.buffers.size)
+            info = np.empty(1 + 2 * len(chunk_ids), np.float64)
+            for i, (k, bounds) in enumerate(zip(chunk_ids, chunks)):
+                info[1 + 2 * i:3 + 2 * i] = compute_chunk(
+                    model, params, self.X, self.y, batch_idx, k, bounds, step_key, grads[i],
+                    stats[i] if model.buffers.size else None)
+            if summed:
+                reduce_in_order(grads, len(chunk_ids), values[:n_params])
+            info[0] = time.perf_counter() - t0
+            return values, info, None
+        except Exception as exc:
+            return None, np.array([time.perf_counter() - t0]), _portable(exc)
+
+    async def step_inline(self, state: np.ndarray, plan: np.ndarray) -> tuple:
+        """`step`, run on the worker's event loop (which it blocks meanwhile)."""
+        return self.step(state, plan)
 
 
-def _compute_group(spec: TaskSpec, X: np.ndarray, y: np.ndarray, state: np.ndarray,
-                   batch_idx: np.ndarray, step_key: tuple[int, ...], chunk_ids: list[int],
-                   chunks: list[tuple[int, int]]) -> tuple:
-    """Worker task: (gradient sums, batch stats, losses, correct counts, seconds) of chunks."""
-    t0 = time.perf_counter()
-    model = _worker_model(spec)
-    n_params = state.size - model.buffers.size
-    params, model.buffers = state[:n_params], state[n_params:]
-    grads = np.empty((len(chunk_ids), n_params), state.dtype)
-    stats = np.empty((len(chunk_ids), model.buffers.size), state.dtype)
-    losses, corrects = [], []
-    for i, (k, bounds) in enumerate(zip(chunk_ids, chunks)):
-        loss, correct = compute_chunk(model, params, X, y, batch_idx, k, bounds, step_key,
-                                      grads[i], stats[i] if model.buffers.size else None)
-        losses.append(loss)
-        corrects.append(correct)
-    return grads, stats, losses, corrects, time.perf_counter() - t0
+def pack_plan(step_key: tuple[int, ...], group: list, batch_idx: np.ndarray) -> np.ndarray:
+    """One int64 array for a step's (step key, [(chunk id, (start, stop)), ...], batch
+    indices): one frame to serialise instead of one per Python object."""
+    ids = [k for k, _ in group]
+    bounds = [b for _, (start, stop) in group for b in (start, stop)]
+    return np.concatenate([[len(step_key)], step_key, [len(ids)], ids, bounds,
+                           batch_idx]).astype(np.int64)
 
 
-def _pass(value: np.ndarray) -> np.ndarray:
-    """Worker task whose result is its argument: a value computed once, fetched by others."""
-    return value
+def unpack_plan(plan: np.ndarray) -> tuple:
+    """(step key, chunk ids, chunk bounds, batch indices) from `pack_plan`'s array."""
+    n_key = int(plan[0])
+    step_key = tuple(int(k) for k in plan[1:1 + n_key])
+    n_ids = int(plan[1 + n_key])
+    at = 2 + n_key
+    ids = [int(k) for k in plan[at:at + n_ids]]
+    bounds = plan[at + n_ids:at + 3 * n_ids].reshape(n_ids, 2)
+    return step_key, ids, [(int(a), int(b)) for a, b in bounds], plan[at + 3 * n_ids:]
+
+
+# The socket transport: a request is HEADER (STEP, plan bytes, state bytes), the plan (int64)
+# and the state (the model's dtype); a reply is HEADER (OK, values bytes, info bytes), the
+# values and the info (float64), or (FAILED, pickled (exception, traceback) bytes, info bytes).
+HEADER = struct.Struct("<QQQ")
+STEP, OK, FAILED = 1, 2, 3
+SECRET_BYTES = 16
+
+
+def receive(sock: socket.socket, n_bytes: int, into: np.ndarray | None = None,
+            on_timeout=None) -> memoryview:
+    """Exactly `n_bytes` from `sock` (into `into`'s buffer when given); EOFError if the peer
+    closed the connection. A socket timeout calls `on_timeout()` (which may raise), then
+    reading goes on."""
+    buffer = memoryview(bytearray(n_bytes) if into is None else into).cast("B")
+    view = buffer
+    while view.nbytes:
+        try:
+            n = sock.recv_into(view)
+        except TimeoutError:
+            if on_timeout is None:
+                raise
+            on_timeout()
+            continue
+        if n == 0:
+            raise EOFError("connection closed by the peer")
+        view = view[n:]
+    return buffer
+
+
+def send_message(sock: socket.socket, kind: int, first, second, on_timeout=None) -> None:
+    """HEADER then the two buffers (NumPy arrays or bytes), without copying them. A socket
+    timeout calls `on_timeout()` (which may raise), then sending goes on."""
+    first, second = memoryview(first).cast("B"), memoryview(second).cast("B")
+    for view in (memoryview(HEADER.pack(kind, first.nbytes, second.nbytes)), first, second):
+        while view.nbytes:
+            try:
+                view = view[sock.send(view):]
+            except TimeoutError:
+                if on_timeout is None:
+                    raise
+                on_timeout()
+
+
+def _portable(exc: Exception) -> tuple[Exception, str]:
+    """(exc, its traceback) if it pickles; else a RuntimeError naming it."""
+    text = traceback.format_exc()
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc, text
 
 
 def _host_and_pid() -> tuple[str, int]:
@@ -108,17 +285,28 @@ def _host_and_pid() -> tuple[str, int]:
 # ----------------------------------------------------------------------------- master side
 
 
-def _describe(exc: BaseException) -> str:
-    """One line on a lost step: why Dask cancelled its futures, or the connection error."""
-    if not isinstance(exc, distributed.CancelledError):
-        return f"{type(exc).__name__}: {exc}"
-    groups = getattr(exc, "error_groups", None)
-    reasons = {group.reason for group in groups} if groups else {getattr(exc, "reason", exc)}
-    return "futures cancelled: " + ", ".join(sorted(map(str, reasons)))
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Silence one logger for the duration of the block."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
-class _DataLost(Exception):
-    """Internal: scattered data or a step's futures were lost with the workers holding them."""
+class _WorkerLost(Exception):
+    """Internal: a worker holding a ChunkServer could not be reached or went away."""
+
+
+@dataclass(eq=False)
+class _Server:
+    address: str
+    future: distributed.Future  # keeps the actor alive on its worker
+    actor: distributed.Actor
+    sock: socket.socket | None = None  # transport "socket": the connection to its thread
 
 
 class DaskEngine(Engine):
@@ -131,16 +319,16 @@ class DaskEngine(Engine):
     chunk_size : int
         Examples per chunk (never depends on the number of workers).
     n_jobs : int
-        Worker processes of the local cluster started when `scheduler` is None. A step has
-        as many tasks as the cluster has worker threads (re-counted every few seconds).
+        Worker processes of the local cluster started when `scheduler` is None. A step is
+        shared between all the cluster's worker processes (re-counted every few seconds).
     batch_size : int
         Largest batch; sizes the master's gradient slots.
     blas_threads : int
-        BLAS threads of each worker process, set with threadpoolctl by the first task of an
-        engine in that process (1 keeps the arithmetic identical to the other engines).
+        BLAS threads of each worker process, set with threadpoolctl when the first
+        `ChunkServer` of an engine starts there (1 keeps the arithmetic identical to the other
+        engines).
     max_restarts : int
-        Times in a row a step is re-run after the cluster lost its data or tasks (workers
-        died) before `WorkerCrashError`. Dask itself retries a task whose worker died.
+        Times in a row a step is re-run after workers were lost before `WorkerCrashError`.
     scheduler : None, str or distributed.Client
         None starts a `LocalCluster` of `n_jobs` single-threaded worker processes, closed by
         `close()`. An address "tcp://host:port" or a Client uses that cluster and leaves it
@@ -148,8 +336,8 @@ class DaskEngine(Engine):
     step_timeout : float
         Seconds a step may take before `WorkerCrashError`.
     connect_timeout : float
-        Seconds to reach the scheduler, and to wait for a worker when the training set must
-        be sent (`WorkerCrashError` if none comes during training).
+        Seconds to reach the scheduler, to wait for a worker when none is left, and to start
+        a `ChunkServer` on a worker.
 
     Raises
     ------
@@ -158,58 +346,78 @@ class DaskEngine(Engine):
 
     Notes
     -----
-    The training set is scattered once per `bind` to every worker. Per step, the parameter
-    vector (with the batch-norm buffers) becomes ONE future that every task depends on: it
-    reaches one worker through the scheduler and the others fetch it from there, and Dask can
-    recompute it if its holder dies. One task per worker thread (pinned, loosely, to spread
-    them) carries the batch indices and its chunk bounds and returns its chunks' gradient
-    sums, which the master adds in chunk order. `last_bytes` records what the last step moved.
+    The first step after `bind` scatters the training set to every worker and starts one
+    `ChunkServer` actor per worker process, which keeps it. Per step the master sends each
+    server, directly (a client with `direct_to_workers=True`: a Client passed without it gets
+    a second one, of the engine's own), the state vector and its chunks, and waits, checking
+    for an interrupt every WAIT_SLICE_S; the scheduler is asked which workers exist only every
+    WORKERS_REFRESH_S seconds, to adopt new ones. A worker that cannot be reached is dropped
+    and the step re-run on the others, results unchanged. `last_bytes` records what the last
+    step moved.
     """
 
     def __init__(self, model: Sequential, chunk_size: int, n_jobs: int, batch_size: int,
                  blas_threads: int = 1, max_restarts: int = 3,
                  scheduler: str | distributed.Client | None = None, step_timeout: float = 300.0,
-                 connect_timeout: float = 10.0, check_interrupt=None):
+                 connect_timeout: float = 10.0, transport: str = "auto",
+                 check_interrupt=None):
         super().__init__(model, chunk_size, check_interrupt)
+        if transport not in ("auto", "socket", "actor"):
+            raise ValueError(f"`transport` must be 'auto', 'socket' or 'actor', got "
+                             f"{transport!r}.")
         self.max_restarts = int(max_restarts)
         self.step_timeout = float(step_timeout)
         self.connect_timeout = float(connect_timeout)
-        self._spec = TaskSpec(secrets.token_hex(8), model.config(), worker_imports(model),
-                              int(blas_threads))
+        self._token = secrets.token_hex(6)
+        self._serial = itertools.count()
         self._data: list[distributed.Future] = []
         self._training_set: tuple[np.ndarray, np.ndarray] | None = None
-        self._slots: list[str | None] = []  # one worker address per worker thread
-        self._slots_time = -np.inf
+        self._servers: list[_Server] = []
+        self._lost: dict[str, float] = {}  # failed workers' addresses: when they failed
+        self._servers_time = -np.inf
+        self._last_compute = np.inf  # slowest worker's compute seconds in the last step
         self.last_bytes = {"params": 0, "workers": 0, "grads": 0}
         n_slots = chunks_per_step(batch_size, chunk_size)
         self._grad_slots = np.empty((n_slots, model.n_params), model.dtype)
         self._stats_slots = np.empty((n_slots, model.buffers.size), model.dtype)
         self._chunk_results = np.empty((n_slots, 2), np.float64)  # loss sum, n correct
         self._cluster = self._client = None
-        self._owns_client = scheduler is None or isinstance(scheduler, str)
+        self._owns_client = True
         if scheduler is None:
-            self._cluster = distributed.LocalCluster(
-                n_workers=n_jobs, threads_per_worker=1, processes=True, dashboard_address=None,
-                # no dashboard; its HTTP endpoints on a free port, not on a busy 8787
-                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
-            self._client = distributed.Client(self._cluster, set_as_default=False)
+            with dask.config.set(LOCAL_CLUSTER_CONFIG):
+                self._cluster = distributed.LocalCluster(
+                    n_workers=n_jobs, threads_per_worker=1, processes=True,
+                    dashboard_address=None,
+                    # no dashboard; its HTTP endpoints on a free port, not on a busy 8787
+                    scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
             self.address = self._cluster.scheduler_address
+            self._client = distributed.Client(self._cluster, set_as_default=False,
+                                              direct_to_workers=True)
         elif isinstance(scheduler, str):
             self.address = scheduler
             self._client = self._connect(scheduler)
         elif isinstance(scheduler, distributed.Client):
-            self._client, self.address = scheduler, scheduler.scheduler.address
+            self.address = scheduler.scheduler.address
+            if scheduler.direct_to_workers:
+                self._client, self._owns_client = scheduler, False
+            else:  # actor calls would be relayed by the scheduler: a client of our own
+                self._client = self._connect(self.address, security=scheduler.security)
         else:
             raise ValueError(
                 "`scheduler` must be None, an address 'tcp://host:port' or a distributed.Client, "
                 f"got {type(scheduler).__name__}."
             )
+        self.transport = transport if transport != "auto" else \
+            "socket" if self.address.startswith("tcp://") else "actor"
+        self._spec = ServerSpec(model.config(), worker_imports(model), int(blas_threads),
+                                listen=self.transport == "socket",
+                                accept_timeout=max(60.0, 2 * self.connect_timeout))
         self._wait_for_a_worker()
 
-    def _connect(self, address: str) -> distributed.Client:
+    def _connect(self, address: str, **options) -> distributed.Client:
         try:
             return distributed.Client(address, timeout=self.connect_timeout,
-                                      set_as_default=False)
+                                      set_as_default=False, direct_to_workers=True, **options)
         except (OSError, distributed.TimeoutError) as exc:
             raise ConnectionError(
                 f"Cannot reach the Dask scheduler at {address!r} within "
@@ -227,42 +435,142 @@ class DaskEngine(Engine):
                 f"{self.connect_timeout:g} s. Start some with `dask worker {self.address}`."
             ) from None
 
-    # -- data and steps
-
-    def _scatter(self, values: list[np.ndarray]) -> list[distributed.Future]:
-        """Send `values` to every worker; WorkerCrashError if the cluster has no worker."""
-        try:
-            return self._client.scatter(values, broadcast=True, hash=False,
-                                        timeout=self.connect_timeout)
-        except distributed.TimeoutError:
-            raise WorkerCrashError(
-                f"The Dask cluster at {self.address} has had no worker for "
-                f"{self.connect_timeout:g} s."
-            ) from None
+    # -- the servers
 
     def _bind_data(self, X, y):
         self._training_set = (X, y)  # kept to send it again if the workers holding it die
-        self._data = self._scatter([X, y])
-        self._slots_time = -np.inf
+        self._drop_servers(self._servers)  # they hold the previous training set
+        self._data = []
 
-    def _worker_slots(self) -> list[str | None]:
-        """Worker addresses, one per thread, interleaved ([None]: no worker known right now);
-        refreshed every WORKERS_REFRESH_S seconds."""
-        if time.monotonic() - self._slots_time > WORKERS_REFRESH_S:
-            nthreads = sorted(self._client.nthreads().items())
-            self._slots = [address for i in range(max((n for _, n in nthreads), default=0))
-                           for address, n in nthreads if i < n] or [None]
-            self._slots_time = time.monotonic()
-        return self._slots
+    def _drop_servers(self, servers: list[_Server], lost: bool = False) -> None:
+        """Forget `servers`; `lost`: their workers failed, so start no server there again
+        while the scheduler lists them, for up to LOST_WORKER_S seconds."""
+        for server in list(servers):
+            if server in self._servers:
+                self._servers.remove(server)
+                if server.sock is not None:
+                    server.sock.close()  # its thread ends and drops the model and data
+                server.future.release()  # the scheduler forgets the actor; its worker drops it
+            if lost:
+                self._lost[server.address] = time.monotonic()
+
+    def _check_scheduler(self, step_key: tuple) -> None:
+        """WorkerCrashError, one line, once the client has lost its scheduler."""
+        if self._client.status != "running":
+            raise WorkerCrashError(
+                f"Lost the connection to the Dask scheduler at {self.address} at step key "
+                f"{step_key} (client status: {self._client.status})."
+            )
+
+    def _servers_for_step(self, step_key: tuple) -> list[_Server]:
+        """The ChunkServers of the cluster's workers; the workers are re-listed every
+        WORKERS_REFRESH_S seconds, or now when no server is left, and new ones adopted."""
+        stale = time.monotonic() - self._servers_time > WORKERS_REFRESH_S
+        if self._servers and not stale:
+            return self._servers
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            self._check_scheduler(step_key)
+            try:
+                workers = set(self._client.nthreads())  # one round trip to the scheduler
+            except OSError as exc:
+                self._check_scheduler(step_key)
+                raise WorkerCrashError(f"The Dask scheduler at {self.address} did not answer "
+                                       f"at step key {step_key} ({exc}).") from None
+            self._lost = {address: when for address, when in self._lost.items()
+                          if address in workers and time.monotonic() - when < LOST_WORKER_S}
+            self._drop_servers([s for s in self._servers if s.address not in workers])
+            known = {s.address for s in self._servers} | set(self._lost)
+            self._start_servers(sorted(workers - known), step_key)
+            self._servers_time = time.monotonic()
+            if self._servers:
+                return self._servers
+            if time.monotonic() > deadline:
+                raise WorkerCrashError(
+                    f"The Dask cluster at {self.address} has had no usable worker for "
+                    f"{self.connect_timeout:g} s (step key {step_key})."
+                )
+            self.check_interrupt()
+            time.sleep(WAIT_SLICE_S)
+
+    def _start_servers(self, addresses: list[str], step_key: tuple) -> None:
+        """A ChunkServer on each of `addresses`, holding the training set (scattered to every
+        worker first when the cluster lost it). Workers that fail to start one are skipped;
+        an exception raised by the server itself (e.g. a module it cannot import) is raised."""
+        if not addresses:
+            return
+        client = self._client
+        if not self._data or any(f.status != "finished" for f in self._data):
+            try:
+                self._data = client.scatter(list(self._training_set), broadcast=True,
+                                            hash=False, timeout=self.connect_timeout)
+            except (OSError, distributed.TimeoutError):
+                return  # no worker to hold it right now: the caller retries
+        X, y = self._data
+        futures = {address: client.submit(
+            ChunkServer, self._spec, X, y, actor=True, workers=[address],
+            allow_other_workers=False, pure=False,
+            key=f"partrain-server-{self._token}-{next(self._serial)}") for address in addresses}
+        deadline = time.monotonic() + self.connect_timeout
+        for address, future in futures.items():
+            try:
+                while True:
+                    self.check_interrupt()
+                    try:
+                        with client.as_current():  # the actor handle binds to this client
+                            actor = future.result(timeout=WAIT_SLICE_S)
+                        break
+                    except distributed.TimeoutError:
+                        if time.monotonic() > deadline:
+                            raise
+            except Exception:
+                if future.status == "error":
+                    raise  # the server's own exception, e.g. ModuleNotFoundError
+                future.release()  # the worker went away or is stuck: do without it
+                continue
+            server = _Server(address, future, actor)
+            if self.transport == "socket":
+                try:
+                    server.sock = self._open_socket(actor)
+                except (OSError, TimeoutError) as exc:
+                    warnings.warn(
+                        f"Cannot reach the partrain ChunkServer on the Dask worker at {address} "
+                        f"({type(exc).__name__}: {exc}); that worker is not used. With "
+                        "backend_options={'transport': 'actor'} steps travel through Dask "
+                        "instead.", RuntimeWarning, stacklevel=2)
+                    future.release()
+                    self._lost[address] = time.monotonic()
+                    continue
+            self._servers.append(server)
+        self._servers.sort(key=lambda s: s.address)
+
+    def _open_socket(self, actor) -> socket.socket:
+        """A connection to the socket of `actor` (a ChunkServer), its secret sent."""
+        host, port, secret = actor.endpoint().result(timeout=self.connect_timeout)
+        sock = socket.create_connection((host, port), timeout=self.connect_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(secret)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    # -- one step
 
     def _run(self, batch_idx, chunks, step_key):
-        state = np.concatenate([self.model.params, self.model.buffers])  # a copy: may travel
+        self._check_scheduler(step_key)
+        state = np.concatenate([self.model.params, self.model.buffers])
+        batch_idx = np.ascontiguousarray(batch_idx)
         failures = 0
         while True:
+            servers = self._servers_for_step(step_key)
             try:
-                return self._dispatch(state, batch_idx, chunks, step_key)
-            except _DataLost as lost:
+                return self._dispatch(servers, state, batch_idx, chunks, step_key)
+            except _WorkerLost as lost:
                 failures += 1
+                self._check_scheduler(step_key)
+                self._servers_time = -np.inf  # list the workers again before the re-run
                 if failures > self.max_restarts:
                     raise WorkerCrashError(
                         f"The Dask cluster at {self.address} lost workers {failures} times in a "
@@ -271,83 +579,128 @@ class DaskEngine(Engine):
                         "being killed or shut down from outside."
                     ) from None
                 warnings.warn(
-                    f"The Dask cluster lost a step's data or tasks ({lost}), e.g. with dead "
-                    f"workers; partrain re-ran the step (attempt {failures + 1}). Results are "
-                    "unaffected.", RuntimeWarning, stacklevel=2)
+                    f"A Dask worker was lost ({lost}); partrain re-ran the step on the others "
+                    f"(attempt {failures + 1}). Results are unaffected.", RuntimeWarning,
+                    stacklevel=2)
 
-    def _dispatch(self, state, batch_idx, chunks, step_key):
-        """One attempt at a step: the state as one future, a task per worker thread."""
-        client = self._client
-        futures = []
-        try:
-            if any(future.status != "finished" for future in self._data):  # lost: send again
-                self._bind_data(*self._training_set)
-            slots = self._worker_slots()
-            groups = split_evenly(list(enumerate(chunks)), len(slots))
-            state_future = client.submit(_pass, state, pure=False)
-            X, y = self._data
-            for group, address in zip(groups, slots):
-                ids, bounds = [k for k, _ in group], [b for _, b in group]
-                where = {"workers": [address], "allow_other_workers": True} if address else {}
-                futures.append(client.submit(_compute_group, self._spec, X, y, state_future,
-                                             batch_idx, step_key, ids, bounds, pure=False,
-                                             **where))
-            self._wait(futures, step_key)
-            results = client.gather(futures)
-        except Exception as exc:
-            if client.status != "running":
+    def _dispatch(self, servers, state, batch_idx, chunks, step_key):
+        """One attempt at a step: each server's chunks out, then wait for all replies."""
+        groups = split_evenly(list(enumerate(chunks)), len(servers))
+        servers = servers[:len(groups)]
+        plans = [pack_plan(step_key, group, batch_idx) for group in groups]
+        deadline = time.monotonic() + self.step_timeout
+
+        def waiting():  # called every WAIT_SLICE_S while a reply is awaited
+            self.check_interrupt()
+            if time.monotonic() >= deadline:
                 raise WorkerCrashError(
-                    f"Lost the connection to the Dask scheduler at {self.address} at step key "
-                    f"{step_key} ({type(exc).__name__}: {exc})."
-                ) from None
-            client.cancel(futures)
-            if isinstance(exc, (distributed.CancelledError, OSError)):
-                raise _DataLost(_describe(exc)) from None
-            raise
-        except BaseException:  # KeyboardInterrupt: stop the tasks, let the trainer clean up
-            if client.status == "running":
-                client.cancel(futures)
-            raise
-        n_grad_bytes, busy = 0, []
-        for group, (grads, stats, losses, corrects, seconds) in zip(groups, results):
-            for i, (k, _) in enumerate(group):
-                self._grad_slots[k] = grads[i]
-                self._stats_slots[k] = stats[i]
-                self._chunk_results[k] = losses[i], corrects[i]
-            n_grad_bytes += grads.nbytes + stats.nbytes
-            busy.append(seconds)
-        self.last_bytes = {"params": state.nbytes, "workers": len(set(slots) - {None}),
-                           "grads": n_grad_bytes}
+                    f"A step took longer than step_timeout={self.step_timeout:g} s on the "
+                    f"Dask cluster at {self.address} (step key {step_key}). Are its workers "
+                    "alive and not overloaded?")
+
+        exchange = self._exchange_sockets if self.transport == "socket" else \
+            self._exchange_actors
+        wait_slice = max(1e-4, min(WAIT_SLICE_S, self.step_timeout))
+        outcomes = exchange(servers, state, plans, waiting, wait_slice)
+        waiting()  # the step may have ended between two checks, yet too late
+        for outcome in outcomes:  # a chunk's own exception first: a re-run would raise it too
+            if isinstance(outcome, tuple) and outcome[2] is not None:
+                exc, text = outcome[2]
+                raise exc from RemoteTraceback(text)
+        lost = [(server, outcome) for server, outcome in zip(servers, outcomes)
+                if not isinstance(outcome, tuple)]
+        if lost:
+            self._drop_servers([server for server, _ in lost], lost=True)
+            raise _WorkerLost("; ".join(f"{server.address}: {type(exc).__name__}: {exc}"
+                                        for server, exc in lost))
+        n_params, n_buffers = self.model.n_params, self.model.buffers.size
+        n_bytes, busy = 0, []
+        for group, (values, info, _) in zip(groups, outcomes):
+            first, n = group[0][0], len(group)
+            n_rows = (values.size - n * n_buffers) // n_params
+            if n_rows < n:  # the summed first chunks (see ChunkServer.step)
+                self._grad_slots[first:first + n - 1] = -0.0  # -0.0 + x == x for every x
+            self._grad_slots[first + n - n_rows:first + n] = \
+                values[:n_rows * n_params].reshape(n_rows, n_params)
+            self._stats_slots[first:first + n] = values[n_rows * n_params:].reshape(n, n_buffers)
+            self._chunk_results[first:first + n] = info[1:].reshape(n, 2)
+            n_bytes += values.nbytes
+            busy.append(float(info[0]))
+        self._last_compute = max(busy)
+        self.last_bytes = {"params": state.nbytes, "workers": len(servers), "grads": n_bytes}
         return busy
 
-    def _wait(self, futures: list[distributed.Future], step_key: tuple) -> None:
-        """Wait for all tasks, checking for an interrupt every WAIT_SLICE_S; a timeout or a
-        task Dask gave up on is a WorkerCrashError, a task's own exception is raised as is."""
-        deadline = time.monotonic() + self.step_timeout
-        with self._client.as_current():
-            while True:
-                self.check_interrupt()
+    def _exchange_sockets(self, servers, state, plans, waiting, wait_slice) -> list:
+        """Transport "socket": send every request, then read every reply, in server order,
+        calling `waiting` every `wait_slice` seconds of waiting. Each outcome is (values,
+        info, error) or the exception that lost its worker."""
+        outcomes: list = [None] * len(servers)
+        try:
+            for i, (server, plan) in enumerate(zip(servers, plans)):
+                server.sock.settimeout(wait_slice)
                 try:
-                    remaining = max(deadline - time.monotonic(), 1e-3)
-                    distributed.wait(futures, timeout=min(WAIT_SLICE_S, remaining))
-                    break
-                except distributed.TimeoutError:
-                    if time.monotonic() >= deadline:
-                        raise WorkerCrashError(
-                            f"A step took longer than step_timeout={self.step_timeout:g} s on "
-                            f"the Dask cluster at {self.address} (step key {step_key}). Are "
-                            "its workers alive and not overloaded?"
-                        ) from None
-        for future in futures:
-            if future.status == "error":
-                exc = future.exception()
-                if isinstance(exc, KilledWorker):
-                    raise WorkerCrashError(
-                        f"Dask gave up on a task at step key {step_key}: {exc}. The workers "
-                        "died each time they ran it (out of memory? a crash in a native "
-                        "library?)."
-                    ) from None
-                future.result()  # the task's own exception, with its remote traceback
+                    send_message(server.sock, STEP, plan, state, waiting)
+                except OSError as exc:
+                    outcomes[i] = exc
+            for i, server in enumerate(servers):
+                if outcomes[i] is None:
+                    try:
+                        outcomes[i] = self._reply(server.sock, waiting)
+                    except (OSError, EOFError) as exc:
+                        outcomes[i] = exc
+        except BaseException:  # interrupted or timed out mid-message: the streams are lost
+            self._drop_servers(servers)
+            raise
+        return outcomes
+
+    def _reply(self, sock: socket.socket, waiting) -> tuple:
+        """One server's reply: (values, info, None) or (None, info, (exception, text))."""
+        kind, n_first, n_info = HEADER.unpack(receive(sock, HEADER.size, on_timeout=waiting))
+        if kind == OK:
+            values = np.empty(n_first // np.dtype(self.model.dtype).itemsize, self.model.dtype)
+            receive(sock, n_first, values, waiting)
+        else:
+            error = pickle.loads(receive(sock, n_first, on_timeout=waiting))
+        info = np.empty(n_info // 8, np.float64)
+        receive(sock, n_info, info, waiting)
+        return (values, info, None) if kind == OK else (None, info, error)
+
+    def _exchange_actors(self, servers, state, plans, waiting, wait_slice) -> list:
+        """Transport "actor": a `step` call per server through Dask, waited for in slices
+        of `wait_slice` seconds, calling `waiting` between them."""
+        inline = self._last_compute < INLINE_MAX_S
+        requests = list(zip(servers, plans))
+        calls: list = [None] * len(requests)
+        while True:
+            waiting()
+            try:
+                return self._client.sync(self._call_and_wait, requests, state, calls, inline,
+                                         callback_timeout=wait_slice)
+            except TimeoutError:
+                continue
+
+    @staticmethod
+    async def _call_and_wait(requests: list, state, calls: list, inline: bool) -> list:
+        """On the client's event loop: start the `step` calls not started yet (`calls[i]` is
+        None), then wait for all; each outcome is the call's result, or the exception that
+        says its worker could not be reached."""
+        for i, (server, plan) in enumerate(requests):
+            if calls[i] is None:
+                try:
+                    method = server.actor.step_inline if inline else server.actor.step
+                    calls[i] = method(state, plan)
+                except Exception as exc:  # the actor's worker is known to be gone
+                    calls[i] = exc
+
+        async def outcome(call):
+            if isinstance(call, Exception):
+                return call
+            try:
+                return await call
+            except Exception as exc:
+                return exc
+
+        return await asyncio.gather(*map(outcome, calls))
 
     # -- lifecycle
 
@@ -358,13 +711,18 @@ class DaskEngine(Engine):
         return [pid for host, pid in found if host == here]
 
     def close(self, kill: bool = False) -> None:
-        """Release the data; close the client and cluster created here (idempotent).
-
-        `kill` changes nothing: the nannies of a local cluster stop busy workers after ~4 s.
-        """
+        """Release the servers and data; close the client and cluster created here
+        (idempotent). `kill` changes nothing: a step in progress on a worker finishes there."""
         client, cluster, self._client, self._cluster = self._client, self._cluster, None, None
-        self._data, self._training_set = [], None  # dropping the futures releases them
+        if client is not None and client.status == "running":
+            # cancelled, not just dropped: the scheduler forgets them before any worker closes
+            client.cancel([s.future for s in self._servers] + self._data)
+        self._servers, self._data, self._training_set = [], [], None
         if client is not None and self._owns_client:
-            client.close()
+            if client.status == "running":
+                client.close()
+            else:  # the scheduler is gone (already reported): no traceback of the reconnection
+                with _quiet("distributed.client"):
+                    client.close()
         if cluster is not None:
             cluster.close()

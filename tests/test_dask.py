@@ -1,25 +1,44 @@
-"""Tests of ``partrain.dask_engine``: identical results on a Dask cluster, worker deaths, task
-errors, timeouts, unreachable schedulers and the lifecycle of a cluster the engine starts."""
+"""Tests of ``partrain.dask_engine``: identical results on a Dask cluster, what a step sends,
+worker deaths (between and during steps), a lost scheduler, chunk errors, interrupts, timeouts,
+unreachable schedulers and the lifecycle of a cluster the engine starts."""
 
 import os
 import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 from faulty_layers import (
     BAD_MESSAGE,
     SENTINEL,
+    DieOnSentinel,
     RaiseOnSentinel,
     blas_report,
     descendants,
+    has_sentinel,
     wait_gone,
 )
 
-from partrain import Callback, Sequential, Trainer, WorkerCrashError
+import partrain
+from partrain import Callback, Sequential, Trainer, TrainingInterrupted, WorkerCrashError
 from partrain.io import read_npz
-from partrain.layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
+from partrain.layers import (
+    BatchNorm,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    Layer,
+    MaxPool2D,
+    ReLU,
+    register_layer,
+)
 
 distributed = pytest.importorskip(
     "distributed", reason="backend='dask' needs dask[distributed] (pip install 'partrain[dask]')")
@@ -29,6 +48,26 @@ from partrain import dask_engine  # noqa: E402
 from partrain.dask_engine import DaskEngine  # noqa: E402
 
 N_WORKERS = 2
+TRANSPORTS = ("socket", "actor")  # steps over the servers' own sockets, or through Dask
+SLEEP_S = 0.4  # how long a SleepOnSentinel layer makes a poisoned chunk last
+
+
+@register_layer
+class SleepOnSentinel(Layer):
+    """Identity that sleeps SLEEP_S on a poisoned chunk: a step long enough to act during it.
+    (Dask workers import it from this module.)"""
+
+    short_name = "sleeper"
+
+    def forward(self, p, x, ctx, index):
+        if has_sentinel(x):
+            time.sleep(SLEEP_S)
+        return x, None
+
+
+def slow_mlp():
+    """An MLP whose chunks holding a poisoned example take SLEEP_S longer."""
+    return Sequential([SleepOnSentinel(), Dense(16), ReLU(), Dense(10)], (64,), seed=0)
 
 
 # ----------------------------------------------------------------------------- fixtures, helpers
@@ -77,13 +116,15 @@ def make_data(model, m, seed=1):
     return X, rng.integers(0, model.n_classes, size=m)
 
 
-def train(make_model, n=150, epochs=2, callbacks=(), **options):
-    """(params, buffers, history) after training a fresh model; batch 32, chunks of 8."""
+def train(make_model, n=150, epochs=2, callbacks=(), poisoned=(), **options):
+    """(params, buffers, history) after training a fresh model; batch 32, chunks of 8;
+    examples `poisoned` (then no shuffling) hold the SENTINEL."""
     model = make_model()
     X, y = make_data(model, n)
+    X[list(poisoned)] = 2 * SENTINEL
     with Trainer(model, batch_size=32, chunk_size=8, seed=3, progress=False,
                  **options) as trainer:
-        trainer.fit(X, y, epochs=epochs, callbacks=callbacks)
+        trainer.fit(X, y, epochs=epochs, callbacks=callbacks, shuffle=not poisoned)
     return model.params.copy(), model.buffers.copy(), trainer.history.history
 
 
@@ -111,13 +152,14 @@ class KillWorkerAt(Callback):
 # ----------------------------------------------------------------------------- determinism
 
 
-def test_dask_gives_the_parameters_of_loky_and_of_one_process(client):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_dask_gives_the_parameters_of_loky_and_of_one_process(client, transport):
     """Dropout CNN, 2 epochs: dask (scheduler address) == loky n_jobs=2 == n_jobs=1."""
     serial = train(cnn_dropout, n_jobs=1)
     assert_same(train(cnn_dropout, n_jobs=2), serial)
     address = client.scheduler.address
-    assert_same(train(cnn_dropout, backend="dask", scheduler=address),
-                serial)
+    assert_same(train(cnn_dropout, backend="dask", scheduler=address,
+                      backend_options={"transport": transport}), serial)
 
 
 def test_batchnorm_statistics_and_ragged_batches_match_one_process(client):
@@ -127,21 +169,42 @@ def test_batchnorm_statistics_and_ragged_batches_match_one_process(client):
     assert_same(got, expected)
 
 
-def test_one_step_sends_the_parameters_once_and_one_gradient_per_chunk(client):
-    """last_bytes: the parameter vector (+ buffers) per worker, 4 chunk gradients + stats."""
+def server_threads(client) -> list[str]:
+    """Names of the ChunkServer socket threads alive on the workers."""
+    names = client.run(lambda: [t.name for t in threading.enumerate()])
+    return [name for found in names.values() for name in found
+            if name == "partrain-chunk-server"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_step_sends_the_state_once_per_worker_and_no_task(client, transport):
+    """last_bytes: the parameter vector (+ buffers) to each worker; back, the first worker's
+    two chunks as ONE summed gradient, the second's two gradients, and 4 chunks' batch stats.
+    Steps after the first run no Dask task: only the workers' resident servers are called.
+    After close(), no server thread is left on the workers."""
     model = mlp_batchnorm()
     X, y = make_data(model, 32)
-    engine = DaskEngine(model, 8, 1, 32, scheduler=client)
+    engine = DaskEngine(model, 8, 1, 32, scheduler=client, transport=transport)
+    grad = np.empty_like(model.params)
     try:
         engine.bind(X, y)
-        totals = engine.gradient(np.arange(32), (0, 1, 0, 0), np.empty_like(model.params))
+        engine.gradient(np.arange(32), (0, 1, 0, 0), grad)  # starts the servers
+        assert len(server_threads(client)) == (N_WORKERS if transport == "socket" else 0)
+        with distributed.get_task_stream(client=client) as tasks:
+            for step in range(1, 4):
+                totals = engine.gradient(np.arange(32), (0, 1, 0, step), grad)
         assert len(engine.worker_pids()) == N_WORKERS
     finally:
         engine.close()
+    assert tasks.data == []
     assert totals.n_examples == 32
-    state_bytes = model.params.nbytes + model.buffers.nbytes
-    assert engine.last_bytes == {"params": state_bytes, "workers": N_WORKERS,
-                                 "grads": 4 * state_bytes}
+    assert engine.last_bytes == {
+        "params": model.params.nbytes + model.buffers.nbytes, "workers": N_WORKERS,
+        "grads": (1 + 2) * model.params.nbytes + 4 * model.buffers.nbytes}
+    deadline = time.monotonic() + 10
+    while server_threads(client) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server_threads(client) == []
 
 
 def test_workers_use_blas_threads(client):
@@ -172,11 +235,155 @@ def test_killed_worker_does_not_change_the_results(client):
     client.wait_for_workers(N_WORKERS, timeout=30)  # the nanny restarts it for later tests
 
 
-def test_exception_in_a_task_keeps_its_type_and_training_can_go_on(client):
-    """ValueError in a task -> the same ValueError as with n_jobs=1; a new fit works; the
-    sequence equals n_jobs=1."""
+class KillDuringNextStep(Callback):
+    """SIGKILL the first Dask worker SLEEP_S / 2 into the step after step `step` (a slow one);
+    after that step, wait for the nanny's replacement; after the next, record how many workers
+    that step used."""
+
+    def __init__(self, client, step):
+        self.client, self.step, self.killed, self.workers_after = client, step, [], None
+
+    def on_batch_end(self, trainer, step, logs):
+        if step == self.step:
+            pids = self.client.run(os.getpid)
+            pid = pids[min(pids)]
+            self.timer = threading.Timer(SLEEP_S / 2, os.kill, (pid, signal.SIGKILL))
+            self.timer.start()
+            self.killed.append(pid)
+        elif step == self.step + 1:
+            self.timer.join()
+            self.client.wait_for_workers(N_WORKERS, timeout=30)
+        elif step == self.step + 2:
+            self.workers_after = trainer.engine.last_bytes["workers"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_worker_killed_during_a_step_is_replaced_and_the_step_recomputed(client, monkeypatch,
+                                                                          transport):
+    """A worker SIGKILLed while it computes: the step is re-run on the others (warning), the
+    parameters equal n_jobs=1, and the nanny's replacement is used by the following steps."""
+    monkeypatch.setattr(dask_engine, "WORKERS_REFRESH_S", 0.0)  # re-list workers every step
+    poisoned = [64, 72, 80, 88]  # every chunk of step 2 sleeps
+    killer = KillDuringNextStep(client, step=1)
+    with pytest.warns(RuntimeWarning, match="Dask worker was lost"):
+        got = train(slow_mlp, n=128, epochs=1, callbacks=[killer], poisoned=poisoned,
+                    backend="dask", scheduler=client, backend_options={"transport": transport})
+    assert len(killer.killed) == 1 and wait_gone(killer.killed) == []
+    assert killer.workers_after == N_WORKERS
+    assert_same(got, train(slow_mlp, n=128, epochs=1, poisoned=poisoned, n_jobs=1))
+
+
+def test_workers_dying_at_every_attempt_end_with_worker_crash_error_and_checkpoint(
+        client, tmp_path):
+    """A chunk that kills whichever worker computes it: after max_restarts re-runs,
+    WorkerCrashError saying so; the checkpoint holds the last completed step."""
+    model = Sequential([DieOnSentinel(os.getpid()), Dense(16), ReLU(), Dense(10)], (64,),
+                       seed=0)
+    X, y = make_data(model, 96)
+    X[40] = 2 * SENTINEL  # step 1
+    checkpoint = tmp_path / "crash.npz"
+    trainer = Trainer(model, batch_size=32, chunk_size=8, progress=False, backend="dask",
+                      scheduler=client, max_restarts=1, checkpoint=checkpoint)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(WorkerCrashError, match="lost workers 2 times in a row"):
+            trainer.fit(X, y, epochs=1, shuffle=False)
+    meta, _ = read_npz(checkpoint, "checkpoint")
+    assert (meta["epoch"], meta["step_in_epoch"]) == (0, 1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class KillProcessAt(Callback):
+    """SIGKILL `proc` after step `step` of the first epoch."""
+
+    def __init__(self, proc, step):
+        self.proc, self.step = proc, step
+
+    def on_batch_end(self, trainer, step, logs):
+        if step == self.step:
+            self.proc.kill()
+            self.proc.wait()
+            time.sleep(0.3)  # let the client notice
+
+
+def test_lost_scheduler_ends_fit_with_one_line_and_the_last_checkpoint(tmp_path):
+    """`dask scheduler` and one `dask worker` as processes; the scheduler SIGKILLed after step
+    1: fit raises a one-line WorkerCrashError naming it, the checkpoint holds the last
+    completed step, and no worker of this process is left."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    root = str(Path(partrain.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+         "--port", str(port), "--no-dashboard"], env=env, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+         "--no-nanny", "--no-dashboard"], env=env, stderr=subprocess.DEVNULL)
+    try:
+        model = cnn_dropout()
+        X, y = make_data(model, 128)
+        checkpoint = tmp_path / "lost.npz"
+        trainer = Trainer(model, batch_size=32, chunk_size=8, progress=False, backend="dask",
+                          scheduler=address, checkpoint=checkpoint,
+                          backend_options={"connect_timeout": 60})
+        with pytest.raises(WorkerCrashError) as info:
+            trainer.fit(X, y, epochs=1, callbacks=[KillProcessAt(scheduler, step=1)])
+        message = str(info.value)
+        assert "\n" not in message and f"Dask scheduler at {address}" in message, message
+        assert trainer._engine is None
+        meta, arrays = read_npz(checkpoint, "checkpoint")
+        assert (meta["epoch"], meta["step_in_epoch"]) == (0, trainer.step_in_epoch)
+        assert 2 <= trainer.step_in_epoch < 4
+        np.testing.assert_array_equal(arrays["params"], model.params)
+    finally:
+        for proc in (worker, scheduler):
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_interrupt_during_a_step_stops_within_the_step(client, tmp_path, transport):
+    """SIGINT while the workers compute a slow step: TrainingInterrupted well before the
+    step would end, the checkpoint at the last completed step."""
+    model = slow_mlp()
+    X, y = make_data(model, 128)
+    X[64:128:8] = 2 * SENTINEL  # step 1 (batch 64): 8 slow chunks, 4 per worker
+    checkpoint = tmp_path / "interrupted.npz"
+    sent = []
+
+    class InterruptDuringNextStep(Callback):
+        def on_batch_end(self, trainer, step, logs):
+            if step == 0:
+                def interrupt():
+                    sent.append(time.monotonic())
+                    os.kill(os.getpid(), signal.SIGINT)
+                threading.Timer(SLEEP_S / 2, interrupt).start()
+
+    trainer = Trainer(model, batch_size=64, chunk_size=8, progress=False, backend="dask",
+                      scheduler=client, checkpoint=checkpoint,
+                      backend_options={"transport": transport})
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit(X, y, epochs=1, shuffle=False, callbacks=[InterruptDuringNextStep()])
+    stopped_after = time.monotonic() - sent[0]
+    assert stopped_after < 4 * SLEEP_S - SLEEP_S / 2, stopped_after  # the step's remainder
+    meta, _ = read_npz(checkpoint, "checkpoint")
+    assert (meta["epoch"], meta["step_in_epoch"]) == (0, 1)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_exception_in_a_task_keeps_its_type_and_training_can_go_on(client, transport):
+    """ValueError in a task -> the same ValueError as with n_jobs=1, its remote traceback as
+    the cause; a new fit works; the sequence equals n_jobs=1."""
     final = []
-    for options in ({"n_jobs": 1}, {"backend": "dask", "scheduler": client}):
+    for options in ({"n_jobs": 1}, {"backend": "dask", "scheduler": client,
+                                    "backend_options": {"transport": transport}}):
         model = Sequential([RaiseOnSentinel(), Dense(16), ReLU(), Dense(10)], (64,), seed=0)
         X, y = make_data(model, 120)
         poisoned = X.copy()
@@ -187,6 +394,9 @@ def test_exception_in_a_task_keeps_its_type_and_training_can_go_on(client):
         assert type(info.value) is ValueError and str(info.value) == BAD_MESSAGE
         if "backend" in options:
             assert trainer._engine is None
+            cause = info.value.__cause__
+            assert isinstance(cause, dask_engine.RemoteTraceback)
+            assert "RaiseOnSentinel" in str(cause) or "forward" in str(cause)
         stopped_at = trainer.step_in_epoch
         trainer.fit(X, y, epochs=1, shuffle=False)
         trainer.close()
@@ -228,6 +438,8 @@ def test_bad_scheduler_argument_is_named():
     """Neither None, an address nor a Client: ValueError."""
     with pytest.raises(ValueError, match="`scheduler` must be.*got int"):
         DaskEngine(cnn_dropout(), 8, 1, 32, scheduler=8786)
+    with pytest.raises(ValueError, match="`transport` must be.*got 'udp'"):
+        DaskEngine(cnn_dropout(), 8, 1, 32, scheduler="tcp://127.0.0.1:1", transport="udp")
     with pytest.raises(ValueError, match="`scheduler` needs backend='dask'"):
         Trainer(cnn_dropout(), scheduler="tcp://127.0.0.1:8786")
 
