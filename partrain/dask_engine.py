@@ -5,12 +5,12 @@ the training set is bound (a `fit`): the model rebuilt from its config and the t
 A step is then one direct message per worker, client to worker with no scheduler and no task
 graph in between: out go the parameter vector (with the batch-norm buffers) and one int64
 array naming the step key, the worker's chunks and the batch indices; back comes the gradient
-of its chunks. The worker holding the first chunks returns their sum (the first terms of the
-master's ordered sum, so the result is unchanged); the others return one gradient per chunk.
+of its chunks, one per chunk.
 
 Same arithmetic as the other engines (every chunk goes through `chunks.compute_chunk`, the
-master adds up in chunk order), so the parameters after training are bit-for-bit those of the
-serial and loky engines; an exception raised by a chunk reaches the caller as itself.
+master adds the chunk gradients up along `chunks.reduce_tree`), so the parameters after
+training are bit-for-bit those of the serial and loky engines; an exception raised by a chunk
+reaches the caller as itself.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ from .chunks import (
     chunks_per_step,
     compute_chunk,
     keep_freed_memory,
-    reduce_in_order,
     split_evenly,
     worker_imports,
 )
@@ -168,9 +167,7 @@ class ChunkServer:
 
         Returns (values, info, None): `values` holds the chunks' gradients then their batch
         statistics, flat, in the model's dtype; `info` the seconds spent, then (loss sum,
-        n correct) per chunk, in float64. When the group starts with chunk 0 its gradients
-        come back as ONE row, their sum in chunk order: the first terms of the master's
-        ordered reduction, so the result is unchanged. A chunk's exception comes back as
+        n correct) per chunk, in float64. A chunk's exception comes back as
         (None, info, (exception, traceback text)) instead of being raised: an exception
         from the call itself is then always about the cluster, never about a chunk.
         """
@@ -180,20 +177,16 @@ class ChunkServer:
             model = self.model
             n_params = state.size - model.buffers.size
             params, model.buffers = state[:n_params], state[n_params:]
-            summed = chunk_ids[0] == 0 and len(chunk_ids) > 1
-            n_rows = 1 if summed else len(chunk_ids)
+            n_rows = len(chunk_ids)
             values = np.empty(n_rows * n_params + len(chunk_ids) * model.buffers.size,
                               state.dtype)
-            grads = np.empty((len(chunk_ids), n_params), state.dtype) if summed else \
-                values[:n_rows * n_params].reshape(n_rows, n_params)
+            grads = values[:n_rows * n_params].reshape(n_rows, n_params)
             stats = values[n_rows * n_params:].reshape(len(chunk_ids), model.buffers.size)
             info = np.empty(1 + 2 * len(chunk_ids), np.float64)
             for i, (k, bounds) in enumerate(zip(chunk_ids, chunks)):
                 info[1 + 2 * i:3 + 2 * i] = compute_chunk(
                     model, params, self.X, self.y, batch_idx, k, bounds, step_key, grads[i],
                     stats[i] if model.buffers.size else None)
-            if summed:
-                reduce_in_order(grads, len(chunk_ids), values[:n_params])
             info[0] = time.perf_counter() - t0
             return values, info, None
         except Exception as exc:
@@ -617,12 +610,8 @@ class DaskEngine(Engine):
         n_bytes, busy = 0, []
         for group, (values, info, _) in zip(groups, outcomes):
             first, n = group[0][0], len(group)
-            n_rows = (values.size - n * n_buffers) // n_params
-            if n_rows < n:  # the summed first chunks (see ChunkServer.step)
-                self._grad_slots[first:first + n - 1] = -0.0  # -0.0 + x == x for every x
-            self._grad_slots[first + n - n_rows:first + n] = \
-                values[:n_rows * n_params].reshape(n_rows, n_params)
-            self._stats_slots[first:first + n] = values[n_rows * n_params:].reshape(n, n_buffers)
+            self._grad_slots[first:first + n] = values[:n * n_params].reshape(n, n_params)
+            self._stats_slots[first:first + n] = values[n * n_params:].reshape(n, n_buffers)
             self._chunk_results[first:first + n] = info[1:].reshape(n, 2)
             n_bytes += values.nbytes
             busy.append(float(info[0]))
