@@ -9,6 +9,7 @@ import signal
 
 import numpy as np
 
+from partrain.callbacks import Callback
 from partrain.layers import Layer, register_layer
 
 SENTINEL = 1e3
@@ -61,6 +62,17 @@ class DieOnSentinel(Layer):
 
     def config(self):
         return {"master_pid": self.master_pid}
+
+
+class InterruptAt(Callback):
+    """Raise KeyboardInterrupt (as Ctrl-C would) after step `step` of epoch `epoch`."""
+
+    def __init__(self, epoch, step):
+        self.at = (epoch, step)
+
+    def on_batch_end(self, trainer, step, logs):
+        if (trainer.epoch, step) == self.at:
+            raise KeyboardInterrupt
 
 
 def blas_report() -> dict:

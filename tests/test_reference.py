@@ -17,6 +17,7 @@ import struct
 
 import numpy as np
 import pytest
+from faulty_layers import InterruptAt
 from reference_trainer import (
     RECORDS,
     HandAdam,
@@ -104,17 +105,6 @@ def assert_equals_reference(trainer, expected):
     assert history["accuracy"] == expected.history["accuracy"]
     assert history["lr"] == pytest.approx(expected.history["lr"], rel=1e-15)
     assert trainer.epoch == len(expected.history["loss"])
-
-
-class InterruptAt(Callback):
-    """Raise KeyboardInterrupt (as Ctrl-C would) after step `step` of epoch `epoch`."""
-
-    def __init__(self, epoch, step):
-        self.at = (epoch, step)
-
-    def on_batch_end(self, trainer, step, logs):
-        if (trainer.epoch, step) == self.at:
-            raise KeyboardInterrupt
 
 
 # ----------------------------------------------------------------------------- the reference

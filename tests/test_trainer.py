@@ -20,6 +20,7 @@ from faulty_layers import (
     SENTINEL,
     DieOnSentinel,
     InfOnSentinel,
+    InterruptAt,
     RaiseOnSentinel,
     descendants,
     shm_segments,
@@ -112,17 +113,6 @@ def assert_same_run(got: Result, expected: Result):
     np.testing.assert_array_equal(got.buffers, expected.buffers)
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
         assert got.history[key] == expected.history[key], key
-
-
-class InterruptAt(Callback):
-    """Raise KeyboardInterrupt (like Ctrl-C) after step `step` of epoch `epoch`."""
-
-    def __init__(self, epoch, step):
-        self.at = (epoch, step)
-
-    def on_batch_end(self, trainer, step, logs):
-        if (trainer.epoch, step) == self.at:
-            raise KeyboardInterrupt
 
 
 class KillWorkerAt(Callback):
