@@ -357,19 +357,26 @@ def run_bench(models: list[str], batch_sizes: list[int], n_jobs: list[int],
                  for config, t in torch_configs(n_jobs)]
     from tqdm.auto import tqdm
 
-    rows = []
+    rows, failed = [], []
     with tqdm(total=len(jobs), desc="bench", disable=not progress, file=sys.stderr) as bar:
         for kind, m, b, j, variant in jobs:
             bar.set_postfix_str(f"{kind} {m} batch {b} {variant} {j}")
-            rows.append(_measure(kind, m, b, j, variant, dtype, repeats, duration, warmup,
-                                 chunk_size, scheduler))
+            try:
+                rows.append(_measure(kind, m, b, j, variant, dtype, repeats, duration, warmup,
+                                     chunk_size, scheduler))
+            except Exception as exc:  # a baseline that crashed must not cost the whole run
+                if kind != "torch":
+                    raise
+                failed.append(f"torch {variant} {m} batch {b} x{j}: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}")
             bar.update()
     _add_ratios(rows)
     return {"machine": machine, "warnings": machine_warnings(machine),
             "matmul_peak_gflops_per_core": matmul_peak_gflops(dtype),
             "settings": {"repeats": repeats, "duration_s": duration, "warmup_s": warmup,
                          "dtype": dtype, "backend": backend, "scaling": list(scaling)},
-            "torch_skipped": skipped, "rows": [asdict(r) for r in rows]}
+            "torch_skipped": skipped, "torch_failed": failed,
+            "rows": [asdict(r) for r in rows]}
 
 
 def _measure(kind, model, batch, n, variant, dtype, repeats, duration, warmup, chunk_size,
@@ -494,6 +501,7 @@ def _torch_ratio_lines(report: dict) -> list[str]:
     """Best partrain against the best of every PyTorch configuration, per model and batch."""
     if report["torch_skipped"]:
         return [f"torch comparison skipped: {report['torch_skipped']}"]
+    lines = [f"torch baseline failed (left out): {note}" for note in report.get("torch_failed", [])]
     best: dict = {}
     for r in report["rows"]:
         if r["scaling"] != "strong" or r["engine"] in ("ceiling", "partrain-dask"):
@@ -501,7 +509,6 @@ def _torch_ratio_lines(report: dict) -> list[str]:
         key = (r["model"], r["batch_size"], r["engine"].startswith("torch"))
         if r["examples_per_s"] > best.get(key, {"examples_per_s": 0})["examples_per_s"]:
             best[key] = r
-    lines = []
     for (model, batch, is_torch), mine in sorted(best.items()):
         theirs = best.get((model, batch, True))
         if not is_torch and theirs:

@@ -130,6 +130,7 @@ def _ddp_process(rank: int, n: int, port: int, model_name: str, batch_size: int,
             rates.append(int(counts[1]) * batch_size / (time.perf_counter() - t0))
         if rank == 0:
             queue.put(rates)
+        dist.barrier()  # nobody tears gloo down while another rank still talks to it
     finally:
         dist.destroy_process_group()
 
