@@ -16,6 +16,12 @@ against n_jobs=1 measured in the same run. Beside each partrain row:
 Strong scaling keeps the batch fixed; weak scaling gives each process `batch_size` examples
 (the batch grows with n). Every report records the BLAS kernels that ran and warns when the
 machine was busy or a kernel was forced through the environment.
+
+Configurations are measured in *rounds*: each round times every configuration once (one
+window after its warm-up, those of one model and batch size back to back), and `repeats`
+rounds follow each other. A shared machine's speed drifts over minutes (on the development VM
+by up to 1.5x); interleaving makes the drift hit every configuration alike, so the ratios
+between rows (speedup, engine efficiency, partrain / torch) stay meaningful.
 """
 
 from __future__ import annotations
@@ -49,6 +55,10 @@ KERNEL_ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "MKL_ENABLE_INSTRUCT
                    "MKL_DEBUG_CPU_TYPE", "ATEN_CPU_CAPABILITY", "NPY_DISABLE_CPU_FEATURES")
 BUSY_LOAD = 0.5  # 1-minute load average above which timings are not trustworthy
 SCALINGS = ("strong", "weak")
+# "auto": partrain's chunk plan (`chunks.default_chunk_size`); "max4": the first release's,
+# kept for before/after comparisons: at most 4 chunks per batch, none under 16 examples or
+# 30 MFLOP of work.
+CHUNK_PLANS = ("auto", "max4")
 
 
 @dataclass
@@ -67,6 +77,7 @@ class BenchRow:
     examples_per_s_min: float
     examples_per_s_max: float
     scaling: str = "strong"
+    chunk_plan: str | None = None  # partrain and ceiling rows: the CHUNK_PLANS entry used
     speedup: float | None = None
     efficiency: float | None = None
     engine_efficiency: float | None = None  # partrain / ceiling at the same configuration
@@ -181,6 +192,17 @@ def _synthetic(model, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     X = rng.random((n, *model.input_shape)).astype(model.dtype)
     return X, rng.integers(0, model.n_classes, n)
+
+
+def plan_chunk_size(plan: str, model, batch_size: int) -> int:
+    """Examples per chunk under a bench chunk plan (see CHUNK_PLANS)."""
+    if plan == "auto":
+        return default_chunk_size(model, batch_size)
+    if plan == "max4":
+        work = batch_size * max(model.flops_per_example(), 1)
+        n_chunks = int(max(1, min(4, work // 30e6, batch_size // 16)))
+        return -(-batch_size // n_chunks)
+    raise ValueError(f"Unknown chunk plan {plan!r}, expected one of {list(CHUNK_PLANS)}.")
 
 
 def bench_partrain(model_name: str, batch_size: int, n_jobs: int, dtype: str = "float32",
@@ -319,14 +341,18 @@ def run_bench(models: list[str], batch_sizes: list[int], n_jobs: list[int],
               dtype: str = "float32", repeats: int = 5, duration: float = 3.0,
               warmup: float = 1.0, compare_torch: bool = False, chunk_size: int | None = None,
               backend: str = "loky", scheduler=None, progress: bool = True,
-              scaling: tuple[str, ...] = ("strong",), ceiling: bool = True) -> dict:
+              scaling: tuple[str, ...] = ("strong",), ceiling: bool = True,
+              chunk_plans: tuple[str, ...] = ("auto",)) -> dict:
     """Measure every (model, batch size, n_jobs), their ceilings, optionally PyTorch; return
     a report dict.
 
-    `scaling` "strong" keeps each batch size; "weak" runs batch size x n_jobs (the batch
-    sizes are then per process). backend="dask" times the local (loky) backend at the same
-    configurations first, as the reference for Dask's overhead; `scheduler` is the Dask
-    cluster (see `Trainer`).
+    `repeats` rounds, each timing every configuration for one window (see the module
+    docstring); a row's examples/s is the median of its rounds. `scaling` "strong" keeps each
+    batch size; "weak" runs batch size x n_jobs (the batch sizes are then per process).
+    `chunk_plans`: partrain (and its ceiling) under each plan of CHUNK_PLANS, unless
+    `chunk_size` fixes the chunks. backend="dask" times the local (loky) backend at the same
+    configurations too, as the reference for Dask's overhead; `scheduler` is the Dask cluster
+    (see `Trainer`).
 
     The report holds `machine` (taken before the run, with its load), `warnings`,
     `matmul_peak_gflops_per_core`, `settings`, `rows` (dicts of `BenchRow`) and
@@ -344,55 +370,92 @@ def run_bench(models: list[str], batch_sizes: list[int], n_jobs: list[int],
                          f"{repeats}, {duration}, {warmup}.")
     if not scaling or set(scaling) - set(SCALINGS):
         raise ValueError(f"Invalid scaling: {scaling!r}, expected some of {list(SCALINGS)}.")
+    if not chunk_plans or set(chunk_plans) - set(CHUNK_PLANS):
+        raise ValueError(f"Invalid chunk plans: {chunk_plans!r}, expected some of "
+                         f"{list(CHUNK_PLANS)}.")
+    if chunk_size is not None:
+        chunk_plans = ("auto",)  # a fixed chunk size leaves no plan to choose
     machine = machine_info()  # before anything runs: the load average of the machine as found
     skipped = torch_unavailable_reason() if compare_torch else None
     backends = ["loky"] if backend == "loky" else ["loky", backend]
-    jobs = [(kind, m, b, j, be) for kind in SCALINGS if kind in scaling for m in models
-            for b in batch_sizes for be in backends for j in n_jobs]
+    jobs = [(kind, m, b, j, be, plan) for kind in SCALINGS if kind in scaling for m in models
+            for b in batch_sizes for plan in chunk_plans for be in backends for j in n_jobs]
     if ceiling:
-        jobs += [("ceiling", m, b, j, kind) for kind in SCALINGS if kind in scaling
-                 for m in models for b in batch_sizes for j in n_jobs]
+        jobs += [("ceiling", m, b, j, kind, plan) for kind in SCALINGS if kind in scaling
+                 for m in models for b in batch_sizes for plan in chunk_plans for j in n_jobs]
     if compare_torch and not skipped:
-        jobs += [("torch", m, b, t, config) for m in models for b in batch_sizes
+        jobs += [("torch", m, b, t, config, None) for m in models for b in batch_sizes
                  for config, t in torch_configs(n_jobs)]
+    # one model and batch size back to back within a round: the rows compared are close in time
+    order = sorted(jobs, key=lambda job: (models.index(job[1]), batch_sizes.index(job[2])))
     from tqdm.auto import tqdm
 
-    rows, failed = [], []
-    with tqdm(total=len(jobs), desc="bench", disable=not progress, file=sys.stderr) as bar:
-        for kind, m, b, j, variant in jobs:
-            bar.set_postfix_str(f"{kind} {m} batch {b} {variant} {j}")
-            try:
-                rows.append(_measure(kind, m, b, j, variant, dtype, repeats, duration, warmup,
-                                     chunk_size, scheduler))
-            except Exception as exc:  # a baseline that crashed must not cost the whole run
-                if kind != "torch":
-                    raise
-                failed.append(f"torch {variant} {m} batch {b} x{j}: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}")
-            bar.update()
+    measured: dict[tuple, list[BenchRow]] = {job: [] for job in jobs}
+    failed: dict[tuple, str] = {}
+    with tqdm(total=len(jobs) * repeats, desc="bench", disable=not progress,
+              file=sys.stderr) as bar:
+        for round_ in range(repeats):
+            for job in order:
+                kind, m, b, j, variant, plan = job
+                bar.set_postfix_str(f"round {round_ + 1}: {kind} {m} batch {b} {variant} {j}"
+                                    + (f" {plan} plan" if len(chunk_plans) > 1 else ""))
+                if job not in failed:
+                    try:
+                        measured[job].append(_measure(job, dtype, duration, warmup,
+                                                      chunk_size, scheduler))
+                    except Exception as exc:  # a crashed baseline must not cost the whole run
+                        if kind != "torch":
+                            raise
+                        failed[job] = (f"torch {variant} {m} batch {b} x{j}: "
+                                       f"{type(exc).__name__}: "
+                                       f"{str(exc).splitlines()[0] if str(exc) else ''}")
+                bar.update()
+    rows = [merge_rounds(measured[job]) for job in jobs if job not in failed]
     _add_ratios(rows)
     return {"machine": machine, "warnings": machine_warnings(machine),
             "matmul_peak_gflops_per_core": matmul_peak_gflops(dtype),
             "settings": {"repeats": repeats, "duration_s": duration, "warmup_s": warmup,
-                         "dtype": dtype, "backend": backend, "scaling": list(scaling)},
-            "torch_skipped": skipped, "torch_failed": failed,
+                         "dtype": dtype, "backend": backend, "scaling": list(scaling),
+                         "chunk_plans": list(chunk_plans), "rounds": "interleaved"},
+            "torch_skipped": skipped, "torch_failed": list(failed.values()),
             "rows": [asdict(r) for r in rows]}
 
 
-def _measure(kind, model, batch, n, variant, dtype, repeats, duration, warmup, chunk_size,
-             scheduler) -> BenchRow:
-    """One row of the plan built by `run_bench`."""
+def _measure(job: tuple, dtype, duration, warmup, chunk_size, scheduler) -> BenchRow:
+    """One window of one configuration of the plan built by `run_bench`."""
+    kind, model, batch, n, variant, plan = job
     if kind == "torch":
-        return bench_torch(model, batch, n, variant, repeats, duration, warmup)
+        return bench_torch(model, batch, n, variant, 1, duration, warmup)
     scaling = variant if kind == "ceiling" else kind
     global_batch = batch * n if scaling == "weak" else batch
+    chunk_size = chunk_size or plan_chunk_size(plan, zoo.get(model, dtype=dtype), global_batch)
     if kind == "ceiling":
-        row = bench_ceiling(model, global_batch, n, dtype, repeats, duration, warmup,
-                            chunk_size)
+        row = bench_ceiling(model, global_batch, n, dtype, 1, duration, warmup, chunk_size)
     else:
-        row = bench_partrain(model, global_batch, n, dtype, repeats, duration, warmup,
-                             chunk_size, variant, scheduler if variant == "dask" else None)
-    row.scaling = scaling
+        row = bench_partrain(model, global_batch, n, dtype, 1, duration, warmup, chunk_size,
+                             variant, scheduler if variant == "dask" else None)
+    row.scaling, row.chunk_plan = scaling, plan
+    return row
+
+
+def merge_rounds(rounds: list[BenchRow]) -> BenchRow:
+    """One row from a configuration's rounds: examples/s the median of the rounds' windows
+    (min and max theirs), the per-step breakdown the median of the rounds' medians."""
+    row = rounds[0]
+    windows = [w for r in rounds for w in r.windows]
+    row.windows = windows
+    row.examples_per_s = statistics.median(windows)
+    row.examples_per_s_min, row.examples_per_s_max = min(windows), max(windows)
+    for name in ("gflops", "step_ms", "compute_ms", "engine_ms", "optimizer_ms"):
+        values = [getattr(r, name) for r in rounds if getattr(r, name) is not None]
+        setattr(row, name, statistics.median(values) if values else None)
+    if row.gflops is not None:
+        row.gflops = row.examples_per_s * zoo.get(row.model).flops_per_example() / 1e9
+    for name in ("worker_peak_rss_mb", "worker_private_rss_mb"):
+        per_round = [getattr(r, name) for r in rounds if getattr(r, name)]
+        setattr(row, name, [max(values) for values in zip(*per_round)] if per_round else [])
+    row.master_peak_rss_mb = max((r.master_peak_rss_mb for r in rounds
+                                  if r.master_peak_rss_mb is not None), default=None)
     return row
 
 
@@ -400,22 +463,23 @@ def _add_ratios(rows: list[BenchRow]) -> None:
     """Speedup and efficiency against partrain's n_jobs=1 for the same model and batch size
     (weak scaling: the same per-process batch), the in-process run when measured, else the
     backend's own n_jobs=1 run; None for rows whose steps had fewer chunks than n_jobs (fewer
-    processes computed than the row says). Engine efficiency against the ceiling row."""
+    processes computed than the row says). Engine efficiency against the ceiling row. Rows
+    are compared only with rows of the same chunk plan."""
     def per_process(r: BenchRow) -> int:
         return r.batch_size // r.n_jobs if r.scaling == "weak" else r.batch_size
 
     partrain = [r for r in rows if r.engine.startswith("partrain")]
     base = {}
     for r in sorted((r for r in partrain if r.n_jobs == 1), key=lambda r: r.engine != "partrain"):
-        base.setdefault((r.model, per_process(r), r.scaling), r.examples_per_s)
-    ceilings = {(r.model, r.batch_size, r.n_jobs, r.scaling): r.examples_per_s
+        base.setdefault((r.model, per_process(r), r.scaling, r.chunk_plan), r.examples_per_s)
+    ceilings = {(r.model, r.batch_size, r.n_jobs, r.scaling, r.chunk_plan): r.examples_per_s
                 for r in rows if r.engine == "ceiling"}
     for r in partrain:
-        ref = base.get((r.model, per_process(r), r.scaling))
+        ref = base.get((r.model, per_process(r), r.scaling, r.chunk_plan))
         if ref and r.processes == r.n_jobs:  # else n_jobs was clamped: no speedup to claim
             r.speedup = r.examples_per_s / ref
             r.efficiency = r.speedup / r.n_jobs
-        top = ceilings.get((r.model, r.batch_size, r.n_jobs, r.scaling))
+        top = ceilings.get((r.model, r.batch_size, r.n_jobs, r.scaling, r.chunk_plan))
         if top and r.engine in ("partrain", "partrain-loky"):
             r.engine_efficiency = r.examples_per_s / top
 
@@ -425,7 +489,7 @@ def _add_ratios(rows: list[BenchRow]) -> None:
 
 def format_table(report: dict) -> str:
     """The terminal table: one line per configuration, then partrain-vs-torch ratios."""
-    head = (f"{'model':<11}{'batch':>6}{'scaling':>8}{'engine':>18}{'jobs':>5}  "
+    head = (f"{'model':<11}{'batch':>6}{'scaling':>8}{'engine':>20}{'jobs':>5}  "
             f"{'examples/s [min-max]':<26}{'speedup':>8}{'eff.':>6}{'vs ceil':>8}"
             f"{'GFLOP/s':>9}{'step ms':>9}{'compute':>9}{'engine':>8}{'adam':>7}")
     lines = [f"WARNING: {note}" for note in report.get("warnings", [])]
@@ -436,9 +500,11 @@ def format_table(report: dict) -> str:
         engine = r["engine"]
         if engine in ("torch", "torch-tuned"):
             engine = f"{engine} {r['threads']}thr"
+        elif r.get("chunk_plan") not in (None, "auto"):
+            engine = f"{engine} {r['chunk_plan']}"
         jobs = f"{r['n_jobs']}*" if r["processes"] < r["n_jobs"] else str(r["n_jobs"])
         lines.append(
-            f"{r['model']:<11}{r['batch_size']:>6}{r['scaling']:>8}{engine:>18}{jobs:>5}  "
+            f"{r['model']:<11}{r['batch_size']:>6}{r['scaling']:>8}{engine:>20}{jobs:>5}  "
             f"{rate:<26}{_fmt(r['speedup'], '.2f')}{_fmt(r['efficiency'], '.2f', 6)}"
             f"{_fmt(r['engine_efficiency'], '.2f')}"
             f"{_fmt(r['gflops'], '.1f', 9)}{_fmt(r['step_ms'], '.2f', 9)}"
@@ -470,11 +536,13 @@ def _kernel_line(machine: dict) -> str:
 
 def _dask_overhead_lines(report: dict) -> list[str]:
     """Per step, what Dask costs beyond the local backend at the same n_jobs."""
-    local = {(r["model"], r["batch_size"], r["n_jobs"]): r for r in report["rows"]
-             if r["engine"] in ("partrain", "partrain-loky")}
+    def key(r: dict) -> tuple:
+        return r["model"], r["batch_size"], r["n_jobs"], r.get("chunk_plan")
+
+    local = {key(r): r for r in report["rows"] if r["engine"] in ("partrain", "partrain-loky")}
     lines = []
     for r in report["rows"]:
-        ref = local.get((r["model"], r["batch_size"], r["n_jobs"]))
+        ref = local.get(key(r))
         if r["engine"] == "partrain-dask" and ref:
             lines.append(
                 f"dask {r['model']} batch {r['batch_size']} n_jobs {r['n_jobs']}: step "
@@ -504,7 +572,8 @@ def _torch_ratio_lines(report: dict) -> list[str]:
     lines = [f"torch baseline failed (left out): {note}" for note in report.get("torch_failed", [])]
     best: dict = {}
     for r in report["rows"]:
-        if r["scaling"] != "strong" or r["engine"] in ("ceiling", "partrain-dask"):
+        if r["scaling"] != "strong" or r["engine"] in ("ceiling", "partrain-dask") \
+                or r.get("chunk_plan") not in (None, "auto"):  # partrain as shipped only
             continue
         key = (r["model"], r["batch_size"], r["engine"].startswith("torch"))
         if r["examples_per_s"] > best.get(key, {"examples_per_s": 0})["examples_per_s"]:

@@ -634,8 +634,12 @@ def add_bench_parser(sub) -> None:
                        help="comma-separated worker counts (default 1,2)")
     bench.add_argument("--chunk-size", type=int, default=None,
                        help="examples per task (default: from model and batch size)")
+    bench.add_argument("--chunk-plan", type=_csv(str), default=["auto"],
+                       help="comma-separated chunk plans: auto (partrain's) and/or max4 (the "
+                       "first release's, at most 4 chunks per batch) for before/after tables")
     bench.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    bench.add_argument("--repeats", type=int, default=5, help="timed windows (default 5)")
+    bench.add_argument("--repeats", type=int, default=5,
+                       help="rounds; each times every configuration once (default 5)")
     bench.add_argument("--duration", type=float, default=3.0, help="seconds per window")
     bench.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up")
     bench.add_argument("--compare", choices=["torch"], default=None,
@@ -671,6 +675,7 @@ def cmd_bench(args) -> int:
                        compare_torch=args.compare == "torch", chunk_size=args.chunk_size,
                        backend=args.backend, scheduler=_scheduler(args),
                        progress=not args.quiet, ceiling=args.ceiling,
+                       chunk_plans=tuple(args.chunk_plan),
                        scaling=("strong", "weak") if args.scaling == "both" else (args.scaling,))
     print(format_table(report))
     for option, writer in ((args.json, write_json), (args.csv, write_csv),

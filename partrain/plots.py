@@ -110,7 +110,10 @@ def plot_scaling(report: dict, path: str | Path) -> Path:
     def curve(r: dict) -> tuple:
         per_process = r["batch_size"] // r["n_jobs"] if r["scaling"] == "weak" else \
             r["batch_size"]
-        return r["model"], per_process, r["scaling"], r["engine"].replace("-loky", "")
+        plan = r.get("chunk_plan")
+        engine = r["engine"].replace("-loky", "")
+        return r["model"], per_process, r["scaling"], \
+            engine if plan in (None, "auto") else f"{engine}, {plan} plan"
 
     for key in sorted({curve(r) for r in rows}):
         sel = sorted((r for r in rows if curve(r) == key), key=lambda r: r["n_jobs"])
@@ -118,11 +121,11 @@ def plot_scaling(report: dict, path: str | Path) -> Path:
         model, batch, scaling, engine = key
         batch = f"batch {batch}" + (" per process" if scaling == "weak" else "")
         label = f"{model}, {batch}" + ("" if engine == "partrain" else f" ({engine})")
-        style = ":" if engine == "ceiling" else ("o--" if scaling == "weak" else "o-")
+        style = ":" if engine.startswith("ceiling") else ("o--" if scaling == "weak" else "o-")
         ax_rate.errorbar(jobs, [r["examples_per_s"] for r in sel], fmt=style, label=label,
                          yerr=[[r["examples_per_s"] - r["examples_per_s_min"] for r in sel],
                                [r["examples_per_s_max"] - r["examples_per_s"] for r in sel]])
-        if engine != "ceiling":
+        if not engine.startswith("ceiling"):
             ax_speed.plot(jobs, [r["speedup"] or np.nan for r in sel], style, label=label)
     ax_speed.plot([1, max_jobs], [1, max_jobs], "k--", label="ideal")
     ax_rate.set(xlabel="n_jobs", ylabel="examples/s", yscale="log", title="throughput")

@@ -243,3 +243,71 @@ def test_bench_bad_options_are_one_line_exit_2(args, needles, tmp_path):
     proc = run_partrain("bench", *args, "--quiet", cwd=tmp_path)
     assert_usage_error(proc, *needles)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_max4_chunk_plan_is_the_first_releases_rule():
+    """Exact values of the first release's plan (at most 4 chunks, none under 16 examples or
+    30 MFLOP), worked out by hand from each network's FLOPs per example."""
+    from partrain.bench import plan_chunk_size
+
+    mnist, signs, mlp = zoo.get("mnist-cnn"), zoo.get("signs-cnn"), zoo.get("mlp")
+    assert plan_chunk_size("max4", mnist, 256) == 64  # 4 chunks, not 16
+    assert plan_chunk_size("max4", mnist, 64) == 16
+    assert plan_chunk_size("max4", signs, 32) == 16  # 68 MFLOP: 2 chunks
+    assert plan_chunk_size("max4", mlp, 32) == 32  # 17 MFLOP: one chunk
+    assert plan_chunk_size("max4", mlp, 256) == 64
+    assert plan_chunk_size("auto", mnist, 256) == 16
+    with pytest.raises(ValueError, match="Unknown chunk plan 'v0'"):
+        plan_chunk_size("v0", mnist, 32)
+
+
+def test_bench_rounds_interleave_the_configurations(monkeypatch):
+    """Every configuration is timed once per round, round after round, and a row's figure is
+    the median of its rounds' windows."""
+    from partrain import bench
+
+    calls = []
+
+    def fake_measure(job, dtype, duration, warmup, chunk_size, scheduler):
+        kind, model, batch, n, variant, plan = job
+        calls.append((kind, n))
+        rate = 1000.0 * n + len(calls)  # a different figure every round
+        return bench.BenchRow(model=model, batch_size=batch, n_jobs=n, dtype=dtype,
+                              engine="partrain" if kind != "ceiling" else "ceiling",
+                              threads=n, processes=n, chunk_size=8, examples_per_s=rate,
+                              examples_per_s_min=rate, examples_per_s_max=rate,
+                              step_ms=float(len(calls)), windows=[rate], chunk_plan=plan)
+
+    monkeypatch.setattr(bench, "_measure", fake_measure)
+    report = bench.run_bench(["mlp"], [16], [1, 2], repeats=3, progress=False)
+    one_round = [("strong", 1), ("strong", 2), ("ceiling", 1), ("ceiling", 2)]
+    assert calls == one_round * 3
+    rows = {(r["engine"], r["n_jobs"]): r for r in report["rows"]}
+    first = rows[("partrain", 1)]
+    assert first["windows"] == [1001.0, 1005.0, 1009.0]
+    assert first["examples_per_s"] == 1005.0 and first["step_ms"] == 5.0
+    assert (first["examples_per_s_min"], first["examples_per_s_max"]) == (1001.0, 1009.0)
+    assert rows[("partrain", 2)]["engine_efficiency"] == pytest.approx(
+        rows[("partrain", 2)]["examples_per_s"] / rows[("ceiling", 2)]["examples_per_s"])
+
+
+def test_bench_compares_chunk_plans_each_against_its_own_rows(tmp_path):
+    """--chunk-plan auto,max4: partrain and ceiling rows for each plan (signs_cnn batch 32:
+    chunks of 8 and of 16), speedup and engine efficiency against the same plan's rows, and
+    only the shipped plan in the best-partrain lines."""
+    proc = run_partrain("bench", "--model", "signs-cnn", "--batch-size", "32", "--n-jobs", "1,2",
+                        "--chunk-plan", "auto,max4", "--repeats", "1", "--duration", "0.05",
+                        "--warmup", "0", "--json", "p.json", "--quiet", cwd=tmp_path)
+    assert_ok(proc)
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    by = {(r["engine"].split("-")[0], r["n_jobs"], r["chunk_plan"]): r for r in rows}
+    assert set(by) == {(e, n, p) for e in ("partrain", "ceiling") for n in (1, 2)
+                       for p in ("auto", "max4")}
+    assert {p: by[("partrain", 2, p)]["chunk_size"] for p in ("auto", "max4")} == {
+        "auto": 8, "max4": 16}
+    for plan in ("auto", "max4"):
+        two, one = by[("partrain", 2, plan)], by[("partrain", 1, plan)]
+        assert two["speedup"] == pytest.approx(two["examples_per_s"] / one["examples_per_s"])
+        assert two["engine_efficiency"] == pytest.approx(
+            two["examples_per_s"] / by[("ceiling", 2, plan)]["examples_per_s"])
+    assert "partrain-loky max4" in proc.stdout
