@@ -231,19 +231,40 @@ def tree_pairs(n_chunks: int) -> tuple[tuple[int, int, int], ...]:
 
 
 def reduce_tree(slots: np.ndarray, n_chunks: int, inside: tuple[int, int] | None = None,
-                done: list[tuple[int, int]] = ()) -> None:
+                done: list[tuple[int, int]] = (), offset: int = 0) -> None:
     """Add up slots[:n_chunks] along `tree_pairs` in place; the total ends in slots[0].
 
     `inside=(a, b)`: only the additions whose chunks all lie in [a, b) (what the process that
-    computed those chunks can do on its own). `done`: ranges whose inside additions were made
-    already (by their processes); the rest are made here.
+    computed those chunks can do on its own); their partial sums end in the slots
+    `tree_roots(n_chunks, (a, b))` names. `done`: ranges whose inside additions were made
+    already (by their processes); the rest are made here. `offset`: slots[i] holds chunk
+    offset + i, so a process can reduce an array of its own chunks only (`offset=a`, with
+    `inside=(a, b)`).
     """
     for left, right, stop in tree_pairs(n_chunks):
         if inside is not None:
             if inside[0] <= left and stop <= inside[1]:
-                slots[left] += slots[right]
+                slots[left - offset] += slots[right - offset]
         elif not any(a <= left and stop <= b for a, b in done):
-            slots[left] += slots[right]
+            slots[left - offset] += slots[right - offset]
+
+
+@functools.cache
+def tree_roots(n_chunks: int, inside: tuple[int, int]) -> tuple[int, ...]:
+    """The chunk slots in [a, b) = `inside` that still hold partial sums the rest of the tree
+    needs once `reduce_tree(..., inside=inside)` has made the additions within [a, b).
+
+    They are the slots of [a, b) that no inside addition consumed (as its right operand), in
+    increasing order; `a` is always one. A process that reduced its range sends only these
+    to whoever finishes the sum (with `done` naming its range). A range that is one node of
+    the tree (a power-of-two width w, `a` a multiple of w, b = min(a + w, n_chunks)) has the
+    single root `a`: e.g. [0, 4) or [4, 7) of 7 chunks.
+    """
+    a, b = inside
+    if not 0 <= a < b <= n_chunks:
+        raise ValueError(f"A range of chunks within [0, {n_chunks}) is needed, got [{a}, {b}).")
+    consumed = {right for left, right, stop in tree_pairs(n_chunks) if a <= left and stop <= b}
+    return tuple(k for k in range(a, b) if k not in consumed)
 
 
 # ----------------------------------------------------------------------------- engines

@@ -4,8 +4,11 @@ Every worker process of the cluster holds one `ChunkServer`, a Dask *actor*, for
 the training set is bound (a `fit`): the model rebuilt from its config and the training set.
 A step is then one request and one reply per worker, client to worker with no scheduler and
 no task graph in between: out go the parameter vector (with the batch-norm buffers) and one
-int64 array naming the step key, the worker's chunks and the batch indices; back come the
-gradients of its chunks, one per chunk.
+int64 array naming the step key, the step's chunk count, the worker's chunks and the batch
+indices; back come the partial sums of its chunks' gradients: the worker makes the additions
+of the gradient tree that lie within its contiguous range of chunks and sends only the rows
+still needed after them (`chunks.tree_roots`: one for the range [0, 4) of 8 chunks), with each
+chunk's batch statistics and (loss, n correct).
 
 Two transports carry the steps. "socket" (the default on tcp:// clusters): each server
 listens on a port of its own and a thread of its own answers the engine over one TCP
@@ -14,9 +17,9 @@ connection, NumPy buffers straight to and from the socket (about 1 ms per step h
 clusters whose other ports the client cannot reach, or that use TLS.
 
 Same arithmetic as the other engines (every chunk goes through `chunks.compute_chunk`, the
-master adds the chunk gradients up along `chunks.reduce_tree`), so the parameters after
-training are bit-for-bit those of the serial and loky engines; an exception raised by a chunk
-reaches the caller as itself.
+workers and then the master add the chunk gradients up along `chunks.reduce_tree`, as in the
+loky engine), so the parameters after training are bit-for-bit those of the serial and loky
+engines; an exception raised by a chunk reaches the caller as itself.
 """
 
 from __future__ import annotations
@@ -50,10 +53,13 @@ except ImportError:  # pragma: no cover - depends on the environment
 from .chunks import (
     Engine,
     WorkerCrashError,
+    chunk_range,
     chunks_per_step,
     compute_chunk,
     keep_freed_memory,
+    reduce_tree,
     split_evenly,
+    tree_roots,
     worker_imports,
 )
 from .model import Sequential
@@ -171,28 +177,36 @@ class ChunkServer:
         """Compute the chunks `plan` names (see `pack_plan`) with the parameters and buffers
         in `state`.
 
-        Returns (values, info, None): `values` holds the chunks' gradients then their batch
-        statistics, flat, in the model's dtype; `info` the seconds spent, then (loss sum,
-        n correct) per chunk, in float64. A chunk's exception comes back as
+        The chunks' gradients are added up along the tree within the plan's range of chunks
+        (`reduce_tree(..., inside=...)`). Returns (values, info, None): `values` holds the
+        gradient rows still needed after that, those of the slots `tree_roots` names, then
+        every chunk's batch statistics, flat, in the model's dtype; `info` the seconds spent,
+        then (loss sum, n correct) per chunk, in float64. A chunk's exception comes back as
         (None, info, (exception, traceback text)) instead of being raised: an exception
         from the call itself is then always about the cluster, never about a chunk.
         """
         t0 = time.perf_counter()
         try:
-            step_key, chunk_ids, chunks, batch_idx = unpack_plan(plan)
+            step_key, n_chunks, chunk_ids, chunks, batch_idx = unpack_plan(plan)
             model = self.model
             n_params = state.size - model.buffers.size
             params, model.buffers = state[:n_params], state[n_params:]
-            n_rows = len(chunk_ids)
+            first = chunk_ids[0]
+            inside = (first, first + len(chunk_ids))  # chunk_ids are contiguous
+            roots = [k - first for k in tree_roots(n_chunks, inside)]
+            n_rows = len(roots)
+            grads = np.empty((len(chunk_ids), n_params), state.dtype)
             values = np.empty(n_rows * n_params + len(chunk_ids) * model.buffers.size,
                               state.dtype)
-            grads = values[:n_rows * n_params].reshape(n_rows, n_params)
             stats = values[n_rows * n_params:].reshape(len(chunk_ids), model.buffers.size)
             info = np.empty(1 + 2 * len(chunk_ids), np.float64)
             for i, (k, bounds) in enumerate(zip(chunk_ids, chunks)):
                 info[1 + 2 * i:3 + 2 * i] = compute_chunk(
                     model, params, self.X, self.y, batch_idx, k, bounds, step_key, grads[i],
                     stats[i] if model.buffers.size else None)
+            reduce_tree(grads, n_chunks, inside=inside, offset=first)
+            for row, k in zip(values[:n_rows * n_params].reshape(n_rows, n_params), roots):
+                row[...] = grads[k]
             info[0] = time.perf_counter() - t0
             return values, info, None
         except Exception as exc:
@@ -203,24 +217,28 @@ class ChunkServer:
         return self.step(state, plan)
 
 
-def pack_plan(step_key: tuple[int, ...], group: list, batch_idx: np.ndarray) -> np.ndarray:
-    """One int64 array for a step's (step key, [(chunk id, (start, stop)), ...], batch
-    indices): one frame to serialise instead of one per Python object."""
+def pack_plan(step_key: tuple[int, ...], n_chunks: int, group: list,
+              batch_idx: np.ndarray) -> np.ndarray:
+    """One int64 array for a step's (step key, total chunk count of the step, [(chunk id,
+    (start, stop)), ...] of one worker's contiguous group, batch indices): one frame to
+    serialise instead of one per Python object."""
     ids = [k for k, _ in group]
     bounds = [b for _, (start, stop) in group for b in (start, stop)]
-    return np.concatenate([[len(step_key)], step_key, [len(ids)], ids, bounds,
+    return np.concatenate([[len(step_key)], step_key, [n_chunks, len(ids)], ids, bounds,
                            batch_idx]).astype(np.int64)
 
 
 def unpack_plan(plan: np.ndarray) -> tuple:
-    """(step key, chunk ids, chunk bounds, batch indices) from `pack_plan`'s array."""
+    """(step key, chunk count, chunk ids, chunk bounds, batch indices) from `pack_plan`'s
+    array."""
     n_key = int(plan[0])
     step_key = tuple(int(k) for k in plan[1:1 + n_key])
-    n_ids = int(plan[1 + n_key])
-    at = 2 + n_key
+    n_chunks, n_ids = int(plan[1 + n_key]), int(plan[2 + n_key])
+    at = 3 + n_key
     ids = [int(k) for k in plan[at:at + n_ids]]
     bounds = plan[at + n_ids:at + 3 * n_ids].reshape(n_ids, 2)
-    return step_key, ids, [(int(a), int(b)) for a, b in bounds], plan[at + 3 * n_ids:]
+    return (step_key, n_chunks, ids, [(int(a), int(b)) for a, b in bounds],
+            plan[at + 3 * n_ids:])
 
 
 # The socket transport: a request is HEADER (STEP, plan bytes, state bytes), the plan (int64)
@@ -595,7 +613,7 @@ class DaskEngine(Engine):
         """One attempt at a step: each server's chunks out, then wait for all replies."""
         groups = split_evenly(list(enumerate(chunks)), len(servers))
         servers = servers[:len(groups)]
-        plans = [pack_plan(step_key, group, batch_idx) for group in groups]
+        plans = [pack_plan(step_key, len(chunks), group, batch_idx) for group in groups]
         deadline = time.monotonic() + self.step_timeout
 
         def waiting():  # called every WAIT_SLICE_S while a reply is awaited
@@ -624,12 +642,15 @@ class DaskEngine(Engine):
         n_params, n_buffers = self.model.n_params, self.model.buffers.size
         n_bytes, busy = 0, []
         for group, (values, info, _) in zip(groups, outcomes):
-            first, n = group[0][0], len(group)
-            self._grad_slots[first:first + n] = values[:n * n_params].reshape(n, n_params)
-            self._stats_slots[first:first + n] = values[n * n_params:].reshape(n, n_buffers)
-            self._chunk_results[first:first + n] = info[1:].reshape(n, 2)
+            (first, stop), n = chunk_range(group), len(group)
+            roots = tree_roots(len(chunks), (first, stop))  # the partial sums it sent
+            n_rows = len(roots)
+            self._grad_slots[list(roots)] = values[:n_rows * n_params].reshape(n_rows, n_params)
+            self._stats_slots[first:stop] = values[n_rows * n_params:].reshape(n, n_buffers)
+            self._chunk_results[first:stop] = info[1:].reshape(n, 2)
             n_bytes += values.nbytes
             busy.append(float(info[0]))
+        self._reduced_ranges = [chunk_range(group) for group in groups]  # see Engine.gradient
         self._last_compute = max(busy)
         self.last_bytes = {"params": state.nbytes, "workers": len(servers), "grads": n_bytes}
         return busy

@@ -27,6 +27,7 @@ from faulty_layers import (
 
 import partrain
 from partrain import Callback, Sequential, Trainer, TrainingInterrupted, WorkerCrashError
+from partrain.chunks import SerialEngine
 from partrain.io import read_npz
 from partrain.layers import (
     BatchNorm,
@@ -178,8 +179,8 @@ def server_threads(client) -> list[str]:
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_step_sends_the_state_once_per_worker_and_no_task(client, transport):
-    """last_bytes: the parameter vector (+ buffers) to each worker; back, the 4 chunks'
-    gradients and batch stats.
+    """last_bytes: the parameter vector (+ buffers) to each worker; back, one gradient per
+    worker (each adds up its 2 chunks, [0, 2) and [2, 4)) and the 4 chunks' batch stats.
     Steps after the first run no Dask task: only the workers' resident servers are called.
     After close(), no server thread is left on the workers."""
     model = mlp_batchnorm()
@@ -200,11 +201,37 @@ def test_a_step_sends_the_state_once_per_worker_and_no_task(client, transport):
     assert totals.n_examples == 32
     assert engine.last_bytes == {
         "params": model.params.nbytes + model.buffers.nbytes, "workers": N_WORKERS,
-        "grads": 4 * model.params.nbytes + 4 * model.buffers.nbytes}
+        "grads": 2 * model.params.nbytes + 4 * model.buffers.nbytes}
     deadline = time.monotonic() + 10
     while server_threads(client) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server_threads(client) == []
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_workers_send_the_partial_sums_of_their_ranges(client, transport):
+    """6 chunks on 2 workers, ranges [0, 3) and [3, 6): each sends the 2 partial sums its
+    range leaves (slots 0, 2 and 3, 4), and gradient, loss, accuracy and batch statistics
+    are those of one process, bit for bit (full and ragged steps)."""
+    model = mlp_batchnorm()
+    X, y = make_data(model, 60)
+    serial = SerialEngine(model.copy(), 8, 48)
+    serial.bind(X, y)
+    engine = DaskEngine(model, 8, 1, 48, scheduler=client, transport=transport)
+    expected, got = np.empty_like(model.params), np.empty_like(model.params)
+    try:
+        engine.bind(X, y)
+        for step, n in enumerate((48, 44, 48)):
+            batch_idx = np.random.default_rng(step).permutation(60)[:n]
+            want = serial.gradient(batch_idx, (0, 1, 0, step), expected)
+            totals = engine.gradient(batch_idx, (0, 1, 0, step), got)
+            np.testing.assert_array_equal(got, expected)
+            assert totals[:3] == want[:3]
+            np.testing.assert_array_equal(totals.stats, want.stats)
+            assert engine.last_bytes["grads"] == \
+                4 * model.params.nbytes + 6 * model.buffers.nbytes
+    finally:
+        engine.close()
 
 
 def test_workers_use_blas_threads(client):

@@ -2,6 +2,7 @@
 ordered reduction, process plans, engines and shared memory."""
 
 import inspect
+import itertools
 import os
 import signal
 import time
@@ -20,6 +21,7 @@ from partrain.chunks import (
     reduce_tree,
     split_evenly,
     tree_pairs,
+    tree_roots,
 )
 from partrain.loky_engine import LokyEngine
 from partrain.parallel import plan_processes, resolve_n_jobs
@@ -215,6 +217,72 @@ def test_reduce_tree_gives_the_same_bits_whoever_makes_which_additions(n):
             reduce_tree(slots, n, inside=inside)
         reduce_tree(slots, n, done=ranges)
         np.testing.assert_array_equal(slots[0], expected[0])
+
+
+def contiguous_splits(n, rng):
+    """Contiguous splits of chunks [0, n) into ranges: every one while there are few (n <= 12,
+    2**(n - 1) splits), else 300 random ones; always the even splits the engines make."""
+    if n <= 12:
+        splits = [list(cuts) for k in range(n) for cuts in itertools.combinations(range(1, n), k)]
+    else:
+        splits = [sorted(rng.choice(np.arange(1, n), size=rng.integers(0, n), replace=False))
+                  for _ in range(300)]
+    ranges = [list(zip([0, *cuts], [*cuts, n])) for cuts in splits]
+    for n_groups in range(1, n + 1):
+        sizes = [len(g) for g in split_evenly(list(range(n)), n_groups)]
+        bounds = np.cumsum([0, *sizes]).tolist()
+        ranges.append(list(zip(bounds[:-1], bounds[1:])))
+    return ranges
+
+
+@pytest.mark.parametrize("n", range(1, 18))
+def test_sending_only_the_roots_of_each_range_gives_the_same_bits(n):
+    """Each 'process' reduces a local array of its own range's chunks (`offset`), and sends
+    only the rows `tree_roots` names; the master puts them in their slots, every other slot
+    NaN, and finishes with done=ranges: always the single-process sum, bit for bit (a NaN
+    read would show)."""
+    data = random_slots(n, 11 * n)
+    expected = data.copy()
+    reduce_tree(expected, n)
+    sent = {}  # (a, b) -> (roots, their rows): a range's reduction does not depend on the split
+    for ranges in contiguous_splits(n, np.random.default_rng(n)):
+        master = np.full_like(data, np.nan)
+        for a, b in ranges:
+            if (a, b) not in sent:
+                local = data[a:b].copy()
+                reduce_tree(local, n, inside=(a, b), offset=a)
+                roots = tree_roots(n, (a, b))
+                assert roots[0] == a and list(roots) == sorted(set(roots))
+                assert all(a <= r < b for r in roots)
+                sent[a, b] = roots, local[[r - a for r in roots]]
+            roots, rows = sent[a, b]
+            master[list(roots)] = rows
+        reduce_tree(master, n, done=ranges)
+        assert np.array_equal(master[0], expected[0]), ranges
+
+
+@pytest.mark.parametrize("n", range(1, 18))
+def test_a_range_that_is_one_tree_node_has_one_root(n):
+    """[a, min(a + w, n)) with w a power of two and a a multiple of w: one root, a. Any other
+    range has more than one (a is joined with later chunks only by a node that covers it)."""
+    nodes = set()
+    width = 1
+    while width < 2 * n:
+        for a in range(0, n, width):
+            nodes.add((a, min(a + width, n)))
+            assert tree_roots(n, (a, min(a + width, n))) == (a,)
+        width *= 2
+    for a in range(n):
+        for b in range(a + 1, n + 1):
+            if (a, b) not in nodes:
+                assert len(tree_roots(n, (a, b))) > 1, (a, b)
+    assert tree_roots(8, (1, 7)) == (1, 2, 4, 6)
+
+
+@pytest.mark.parametrize("inside", [(0, 0), (-1, 2), (3, 9), (5, 4)])
+def test_tree_roots_refuses_ranges_outside_the_chunks(inside):
+    with pytest.raises(ValueError, match="range of chunks"):
+        tree_roots(8, inside)
 
 
 def test_the_master_joins_one_partial_per_process_when_chunks_split_evenly():
