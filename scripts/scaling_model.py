@@ -11,11 +11,13 @@ A step of a batch cut into C chunks on P processes (contiguous groups of chunks)
   caches and memory bandwidth), from the ceiling row at P = 2 and assumed to stay at that value
   beyond (an assumption: bandwidth-bound networks will do worse);
 - t_add, t_optimizer, t_scale, t_copy: one gradient addition, one Adam update, the division
-  of the summed gradient, the parameter copy into shared memory (microbenchmarks); the tree
-  additions inside a group are made by its process, those across groups by the master.
+  of the summed gradient, the parameter copy into shared memory (each timed right after a
+  chunk's forward/backward, as in a step); the tree additions inside a group are made by its
+  process, those across groups by the master.
 
 None of these comes from a partrain run, so the P = 1 and P = 2 predictions are checked against
-`partrain bench` measurements of the same configurations (the target: within 10 %); then the
+`partrain bench` measurements of the same configurations, taken in the same interleaved rounds
+as the ceiling rows (the target: within 10 %); then the
 script projects the speedup at 4..32 cores for batch 64, 256 and 1024 and prints, per network,
 the smallest batch that keeps N cores at least 80 % efficient. It also prints the master's
 serial time per step at 2, 4, 8 and 16 chunks, for the old left-to-right reduction on the
@@ -36,9 +38,10 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from partrain import Context, zoo
-from partrain.bench import bench_ceiling, bench_partrain
+from partrain.bench import run_bench
 from partrain.chunks import (
     default_chunk_size,
+    efficient_chunk,
     keep_freed_memory,
     reduce_tree,
     split_evenly,
@@ -70,16 +73,28 @@ def chunk_seconds(name: str, chunk: int) -> float:
     return median_time(run)
 
 
-def master_pieces(name: str) -> dict:
-    """Seconds of one gradient addition, one Adam update and one parameter copy."""
+def master_pieces(name: str, chunk: int, repeats: int = 100) -> dict:
+    """Seconds of one gradient addition, the scaling of the sum, one Adam update and one
+    parameter copy, each timed in a step's order right after a chunk's forward/backward (so
+    with the caches as a real step leaves them: Adam ran 1.8x slower so than in a loop)."""
     model = zoo.get(name)
+    X = np.random.default_rng(0).random((chunk, *model.input_shape)).astype(model.dtype)
+    y = np.arange(chunk) % model.n_classes
+    grad, ctx = np.empty_like(model.params), Context(training=True, key=(0,))
     a, b = np.ones_like(model.params), np.ones_like(model.params)
     adam, copy = Adam(1e-4), np.empty_like(model.params)
     adam.step(model.params, a)
-    return {"add": median_time(lambda: a.__iadd__(b), 200),
-            "adam": median_time(lambda: adam.step(model.params, b), 200),
-            "scale": median_time(lambda: a.__imul__(np.float32(0.5)), 200),
-            "copy": median_time(lambda: np.copyto(copy, model.params), 200)}
+    pieces = {"add": lambda: a.__iadd__(b), "scale": lambda: a.__imul__(np.float32(0.5)),
+              "adam": lambda: adam.step(model.params, b),
+              "copy": lambda: np.copyto(copy, model.params)}
+    times: dict[str, list[float]] = {k: [] for k in pieces}
+    for _ in range(repeats):
+        model.loss_and_grad_unchecked(model.params, X, y, ctx, grad)
+        for key, piece in pieces.items():
+            t0 = time.perf_counter()
+            piece()
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def serial_table(name: str, pieces: dict) -> list[dict]:
@@ -134,25 +149,26 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         model = zoo.get(name)
         with threadpool_limits(1):
-            pieces = master_pieces(name)
+            pieces = master_pieces(name, efficient_chunk(model))
         entry = {"pieces_ms": {k: 1e3 * v for k, v in pieces.items()},
                  "serial": serial_table(name, pieces), "check": [], "projection": []}
         fitted = {}
         for batch in map(int, args.check_batch_sizes.split(",")):
             chunk = default_chunk_size(model, batch)
             chunks = -(-batch // chunk)
-            ceil1, ceil2 = (bench_ceiling(name, batch, n, repeats=args.repeats,
-                                          duration=args.duration, warmup=0.5) for n in (1, 2))
-            t_chunk = batch / ceil1.examples_per_s / chunks
+            report_b = run_bench([name], [batch], [1, 2], repeats=args.repeats,
+                                 duration=args.duration, warmup=0.5, progress=False)
+            rows = {(r["engine"], r["n_jobs"]): r for r in report_b["rows"]}
+            ceil1, ceil2 = rows[("ceiling", 1)], rows[("ceiling", 2)]
+            t_chunk = batch / ceil1["examples_per_s"] / chunks
             # each of 2 processes computes half the chunks; the ceiling says how long it took
-            slowdown = (batch / ceil2.examples_per_s) / (-(-chunks // 2) * t_chunk)
+            slowdown = (batch / ceil2["examples_per_s"]) / (-(-chunks // 2) * t_chunk)
             fitted[batch] = (t_chunk / chunk, max(slowdown, 1.0))
             for n in (1, 2):
-                run = bench_partrain(name, batch, n, repeats=args.repeats,
-                                     duration=args.duration, warmup=0.5)
+                run = rows[("partrain" if n == 1 else "partrain-loky", n)]
                 step = predict(t_chunk, chunks, n, max(slowdown, 1.0), pieces)
                 entry["check"].append({"batch": batch, "n": n, "chunks": chunks,
-                                       "measured": run.examples_per_s,
+                                       "measured": run["examples_per_s"],
                                        "predicted": batch / step})
         # project with the per-example chunk cost and slowdown of the largest checked batch
         per_example, slowdown = fitted[max(fitted)]

@@ -158,3 +158,20 @@ def test_bench_scaling_runs(tmp_path):
     assert re.search(r"signs-cnn batch 64: n_jobs=2 runs \d+\.\d+x", out), out
     assert re.search(r"mnist-cnn batch 32: n_jobs=2 runs \d+\.\d+x", out), out
     assert "wall time" in out
+
+
+def test_scaling_model_predicts_a_step_by_hand():
+    """scripts/scaling_model.py's step model on numbers worked out by hand: 4 chunks on 2
+    processes make 2 chunks each (2 x 1.0 x slowdown 1.5, plus the addition inside each
+    group), the master the one addition across groups, the scaling, Adam and the copy."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scaling_model", SCRIPTS / "scaling_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pieces = {"add": 0.1, "adam": 1.0, "scale": 0.5, "copy": 0.2}
+    assert module.predict(1.0, 4, 2, 1.5, pieces) == pytest.approx(3.0 + 0.1 + 0.1 + 1.5 + 0.2)
+    # one process: no slowdown, no copy; its own 3 additions
+    assert module.predict(1.0, 4, 1, 1.5, pieces) == pytest.approx(4.0 + 0.3 + 1.5)
+    # 3 chunks on 2 processes: groups [0, 2) and [2, 3); the slower group decides
+    assert module.predict(1.0, 3, 2, 1.0, pieces) == pytest.approx(2.0 + 0.1 + 0.1 + 1.5 + 0.2)
