@@ -49,6 +49,12 @@ def chunk_context(seed: int, epoch: int, step: int, chunk: int) -> Context:
     return Context(training=True, key=(seed, STEP_STREAM, epoch, step, chunk))
 
 
+def flush_subnormals(values: np.ndarray) -> np.ndarray:
+    """Every 16th step, the optimizer state's values of magnitude below the dtype's smallest
+    normal number (subnormals) become 0."""
+    return np.where(np.abs(values) < np.finfo(values.dtype).tiny, 0, values).astype(values.dtype)
+
+
 class HandAdam:
     """Kingma & Ba, Algorithm 1, with bias correction and eps added to sqrt(v_hat).
 
@@ -69,7 +75,10 @@ class HandAdam:
         self.m = b1 * self.m + (1 - b1) * g
         self.v = b2 * self.v + (1 - b2) * g**2
         sqrt_v_hat = np.sqrt(self.v) * (1 / math.sqrt(1 - b2**t))
-        return params - (self.m / (sqrt_v_hat + self.eps)) * (lr / (1 - b1**t))
+        params = params - (self.m / (sqrt_v_hat + self.eps)) * (lr / (1 - b1**t))
+        if t % 16 == 0:
+            self.m, self.v = flush_subnormals(self.m), flush_subnormals(self.v)
+        return params
 
     def state(self) -> dict:
         return {"step": self.t, "m": self.m, "v": self.v}
@@ -87,7 +96,10 @@ class HandSGD:
             self.velocity = np.zeros_like(params)
         self.t += 1
         self.velocity = self.momentum * self.velocity + g
-        return params - lr * self.velocity
+        params = params - lr * self.velocity
+        if self.t % 16 == 0:
+            self.velocity = flush_subnormals(self.velocity)
+        return params
 
     def state(self) -> dict:
         if not self.momentum:  # plain SGD keeps no velocity

@@ -412,3 +412,28 @@ def test_numpy_scalar_learning_rates_accepted(lr):
     """Any finite positive real scalar is a valid lr, including NumPy scalars."""
     assert Adam(lr=lr).lr == pytest.approx(float(lr))
     assert SGD(lr=lr).lr == pytest.approx(float(lr))
+
+
+@pytest.mark.parametrize("make, name", [(lambda: Adam(lr=0.01), "m"), (lambda: Adam(lr=0.01), "v"),
+                                        (lambda: SGD(lr=0.1, momentum=0.9), "velocity")])
+def test_subnormal_state_is_flushed_every_16th_step(make, name):
+    """A state value that is subnormal after the update becomes 0 at steps 16, 32, ...; at
+    the other steps and for normal values, the state is what the formulas give."""
+    tiny = np.finfo(np.float32).tiny
+    optimizer = make()
+    p = np.ones(4, dtype=np.float32)
+    zero = np.zeros_like(p)
+    optimizer.step(p, zero)
+    start = np.array([tiny / 2, -tiny / 4, 4 * tiny, 1e-3], dtype=np.float32)
+    decay = {"m": 0.9, "v": 0.999, "velocity": 0.9}[name]
+    expected = start.copy()
+    optimizer.state[name][...] = start
+    for step in range(2, 17):
+        optimizer.step(p, zero)
+        expected = expected * np.float32(decay)  # a zero gradient adds nothing
+        if step < 16:
+            np.testing.assert_array_equal(optimizer.state[name], expected)
+    flushed = np.where(np.abs(expected) < tiny, np.float32(0), expected)
+    assert flushed[0] == flushed[1] == 0 and flushed[3] != 0
+    np.testing.assert_array_equal(optimizer.state[name], flushed)
+    assert optimizer.state["step"] == 16
