@@ -292,10 +292,10 @@ def test_bench_rounds_interleave_the_configurations(monkeypatch):
 
 
 def test_bench_compares_chunk_plans_each_against_its_own_rows(tmp_path):
-    """--chunk-plan auto,max4: partrain and ceiling rows for each plan (signs_cnn batch 32:
-    chunks of 8 and of 16), speedup and engine efficiency against the same plan's rows, and
+    """--chunk-plan auto,max4: partrain and ceiling rows for each plan (signs_cnn batch 128:
+    chunks of 16 and of 32), speedup and engine efficiency against the same plan's rows, and
     only the shipped plan in the best-partrain lines."""
-    proc = run_partrain("bench", "--model", "signs-cnn", "--batch-size", "32", "--n-jobs", "1,2",
+    proc = run_partrain("bench", "--model", "signs-cnn", "--batch-size", "128", "--n-jobs", "1,2",
                         "--chunk-plan", "auto,max4", "--repeats", "1", "--duration", "0.05",
                         "--warmup", "0", "--json", "p.json", "--quiet", cwd=tmp_path)
     assert_ok(proc)
@@ -304,7 +304,7 @@ def test_bench_compares_chunk_plans_each_against_its_own_rows(tmp_path):
     assert set(by) == {(e, n, p) for e in ("partrain", "ceiling") for n in (1, 2)
                        for p in ("auto", "max4")}
     assert {p: by[("partrain", 2, p)]["chunk_size"] for p in ("auto", "max4")} == {
-        "auto": 8, "max4": 16}
+        "auto": 16, "max4": 32}
     for plan in ("auto", "max4"):
         two, one = by[("partrain", 2, plan)], by[("partrain", 1, plan)]
         assert two["speedup"] == pytest.approx(two["examples_per_s"] / one["examples_per_s"])
