@@ -562,6 +562,8 @@ def _describe(r: dict) -> str:
     if r["engine"].startswith("torch"):
         kind = "tuned" if r["engine"] == "torch-tuned" else "default"
         return f"torch {kind}, {r['threads']} thread{'s' * (r['threads'] > 1)}"
+    if r["processes"] < r["n_jobs"]:  # clamped: say what actually ran
+        return f"partrain n_jobs={r['n_jobs']}, {r['processes']} process(es)"
     return f"partrain n_jobs={r['n_jobs']}"
 
 
