@@ -5,8 +5,10 @@ until training starts (the header line), sleeps a random time within the run's e
 and sends one signal to the master. It then counts, over all runs:
 
 - hangs: the master has not exited `--timeout` seconds after the signal;
-- bad exits: an exit status other than 128 + signal (or 0 when the run had already finished),
-  or a traceback on stderr;
+- bad exits: an exit status other than 128 + signal, death by the signal itself (what a shell
+  also reports as 128 + signal: the signal landed while the interpreter was exiting, after
+  every file was written and Python had given the signal back to the system) or 0 when the run
+  had already finished, or a traceback on stderr;
 - missing checkpoints: an interrupted run without a readable checkpoint;
 - leftover shared memory: /dev/shm/partrain_<pid>_* segments after the exit;
 - orphans: worker processes of the run still alive 3 s after the master's exit.
@@ -112,9 +114,9 @@ def one_run(command: list[str], folder: Path, signum: int | None, delay: float,
         time.sleep(0.05)
     stderr = stderr_path.read_text()
     status = proc.returncode
-    expected = {0} if not signalled else {0, 128 + signum}
+    expected = {0} if not signalled else {0, 128 + signum, -signum}
     checkpoint_ok = None
-    if signalled and status == 128 + signum:
+    if signalled and status in (128 + signum, -signum):
         from partrain.io import read_npz
 
         try:
@@ -172,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "run_seconds": round(window, 2),
         "interrupted": sum(r["signalled"] and r["status"] == 128 + signum for r in records),
         "finished_first": sum(r["status"] == 0 for r in records),
+        "killed_while_exiting": sum(r["status"] == -signum for r in records),
         "hangs": sum(r["hang"] for r in records),
         "bad_exits": sum(r["bad_exit"] for r in records),
         "missing_checkpoints": sum(r["missing_checkpoint"] for r in records),
