@@ -42,7 +42,14 @@ from pathlib import Path
 import numpy as np
 
 from . import zoo
-from .chunks import compute_chunk, default_chunk_size, keep_freed_memory, step_groups
+from .chunks import (
+    MIN_CHUNK_EXAMPLES,
+    MIN_CHUNK_FLOPS,
+    compute_chunk,
+    default_chunk_size,
+    keep_freed_memory,
+    step_groups,
+)
 from .loky_engine import children_blas_threads
 from .optim import Adam
 from .parallel import ParallelismWarning, plan_processes, resolve_n_jobs
@@ -200,7 +207,7 @@ def plan_chunk_size(plan: str, model, batch_size: int) -> int:
         return default_chunk_size(model, batch_size)
     if plan == "max4":
         work = batch_size * max(model.flops_per_example(), 1)
-        n_chunks = int(max(1, min(4, work // 30e6, batch_size // 16)))
+        n_chunks = int(max(1, min(4, work // MIN_CHUNK_FLOPS, batch_size // MIN_CHUNK_EXAMPLES)))
         return -(-batch_size // n_chunks)
     raise ValueError(f"Unknown chunk plan {plan!r}, expected one of {list(CHUNK_PLANS)}.")
 
@@ -373,8 +380,9 @@ def run_bench(models: list[str], batch_sizes: list[int], n_jobs: list[int],
     if not chunk_plans or set(chunk_plans) - set(CHUNK_PLANS):
         raise ValueError(f"Invalid chunk plans: {chunk_plans!r}, expected some of "
                          f"{list(CHUNK_PLANS)}.")
-    if chunk_size is not None:
-        chunk_plans = ("auto",)  # a fixed chunk size leaves no plan to choose
+    if chunk_size is not None and tuple(chunk_plans) != ("auto",):
+        raise ValueError(f"A fixed chunk size ({chunk_size}) leaves no chunk plan to compare: "
+                         f"give chunk_size or chunk plans {list(chunk_plans)}, not both.")
     machine = machine_info()  # before anything runs: the load average of the machine as found
     skipped = torch_unavailable_reason() if compare_torch else None
     backends = ["loky"] if backend == "loky" else ["loky", backend]

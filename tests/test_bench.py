@@ -311,3 +311,9 @@ def test_bench_compares_chunk_plans_each_against_its_own_rows(tmp_path):
         assert two["engine_efficiency"] == pytest.approx(
             two["examples_per_s"] / by[("ceiling", 2, plan)]["examples_per_s"])
     assert "partrain-loky max4" in proc.stdout
+
+
+def test_bench_refuses_a_chunk_plan_with_a_fixed_chunk_size(tmp_path):
+    proc = run_partrain("bench", *TINY, "--chunk-size", "8", "--chunk-plan", "auto,max4",
+                        "--quiet", cwd=tmp_path)
+    assert_usage_error(proc, "leaves no chunk plan to compare")
