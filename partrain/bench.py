@@ -367,6 +367,9 @@ def run_bench(models: list[str], batch_sizes: list[int], n_jobs: list[int],
     """
     for name in models:
         zoo.get(name)  # validates the name
+    # each configuration once, in the order given (a repeated value would be measured twice)
+    models, batch_sizes = list(dict.fromkeys(models)), list(dict.fromkeys(batch_sizes))
+    chunk_plans = tuple(dict.fromkeys(chunk_plans))
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise ValueError(f"`batch_size` values must be integers >= 1, got {batch_sizes}.")
     if not n_jobs:

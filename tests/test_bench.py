@@ -262,8 +262,8 @@ def test_max4_chunk_plan_is_the_first_releases_rule():
 
 
 def test_bench_rounds_interleave_the_configurations(monkeypatch):
-    """Every configuration is timed once per round, round after round, and a row's figure is
-    the median of its rounds' windows."""
+    """Every configuration is timed once per round, round after round (a value given twice
+    still once), and a row's figure is the median of its rounds' windows."""
     from partrain import bench
 
     calls = []
@@ -279,10 +279,11 @@ def test_bench_rounds_interleave_the_configurations(monkeypatch):
                               step_ms=float(len(calls)), windows=[rate], chunk_plan=plan)
 
     monkeypatch.setattr(bench, "_measure", fake_measure)
-    report = bench.run_bench(["mlp"], [16], [1, 2], repeats=3, progress=False)
+    report = bench.run_bench(["mlp", "mlp"], [16, 16], [1, 2, 2], repeats=3, progress=False)
     one_round = [("strong", 1), ("strong", 2), ("ceiling", 1), ("ceiling", 2)]
     assert calls == one_round * 3
     rows = {(r["engine"], r["n_jobs"]): r for r in report["rows"]}
+    assert len(rows) == len(report["rows"]) == 4
     first = rows[("partrain", 1)]
     assert first["windows"] == [1001.0, 1005.0, 1009.0]
     assert first["examples_per_s"] == 1005.0 and first["step_ms"] == 5.0
