@@ -100,6 +100,15 @@ CONV_CASES = [
 CONV_IDS = ["m{}_{}x{}_c{}-{}_f{}_s{}_p{}".format(*c) for c in CONV_CASES]
 
 
+def backward_inputs(tag: str, case: tuple) -> tuple:
+    """(A, W, dZ) of a convolution case: inputs, kernel and an output gradient of its shape."""
+    m, H, W, C_prev, C, f, s, p = case
+    rng = rng_for(tag, case)
+    A, Wt, _ = conv_inputs(rng, m, H, W, C_prev, C, f)
+    dZ = rng.standard_normal((m, naive.out_size(H, f, s, p), naive.out_size(W, f, s, p), C))
+    return A, Wt, dZ
+
+
 @pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
 def test_conv_forward_matches_naive(case):
     """conv_forward equals the 7-loop definition."""
@@ -112,10 +121,8 @@ def test_conv_forward_matches_naive(case):
 @pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
 def test_conv_backward_matches_naive(case):
     """conv_backward equals the loop form of the chain rule."""
-    m, H, W, C_prev, C, f, s, p = case
-    rng = rng_for("convb", case)
-    A, Wt, _ = conv_inputs(rng, m, H, W, C_prev, C, f)
-    dZ = rng.standard_normal((m, naive.out_size(H, f, s, p), naive.out_size(W, f, s, p), C))
+    A, Wt, dZ = backward_inputs("convb", case)
+    s, p = case[6:]
     dA, dW, db = pure(F.conv_backward, dZ, A, Wt, s, p)
     ref = naive.conv_backward(dZ, A, Wt, s, p)
     for name, got, want in zip(("dA_prev", "dW", "db"), (dA, dW, db), ref):
@@ -152,10 +159,8 @@ STRIDE1_IDS = ["m{}_{}x{}_c{}-{}_f{}_s{}_p{}".format(*c) for c in STRIDE1_CASES]
 def test_row_by_row_weight_gradient_matches_naive(case, tile):
     """conv_weight_grad_rows (width-only im2col, one band per kernel row, batched over
     examples) gives the naive dW and db for every tiling, ragged last tiles and padding."""
-    m, H, W, C_prev, C, f, s, p = case
-    rng = rng_for("convrows", case)
-    A, Wt, _ = conv_inputs(rng, m, H, W, C_prev, C, f)
-    dZ = rng.standard_normal((m, naive.out_size(H, f, s, p), naive.out_size(W, f, s, p), C))
+    A, Wt, dZ = backward_inputs("convrows", case)
+    s, p = case[6:]
     dW, db = pure(F.conv_weight_grad_rows, dZ, A, Wt.shape, p, tile=tile)
     _, dW_ref, db_ref = naive.conv_backward(dZ, A, Wt, s, p)
     assert_close(dW, dW_ref, f"rows dW tile {tile} {case}")
@@ -165,10 +170,8 @@ def test_row_by_row_weight_gradient_matches_naive(case, tile):
 @pytest.mark.parametrize("case", STRIDE1_CASES, ids=STRIDE1_IDS)
 def test_stride1_input_gradient_matches_naive(case):
     """conv_input_grad of stride-1 convolutions (kernel row by kernel row) on odd shapes."""
-    m, H, W, C_prev, C, f, s, p = case
-    rng = rng_for("convig", case)
-    A, Wt, _ = conv_inputs(rng, m, H, W, C_prev, C, f)
-    dZ = rng.standard_normal((m, naive.out_size(H, f, s, p), naive.out_size(W, f, s, p), C))
+    A, Wt, dZ = backward_inputs("convig", case)
+    s, p = case[6:]
     dA = pure(F.conv_input_grad, dZ, Wt, A.shape, s, p)
     assert_close(dA, naive.conv_backward(dZ, A, Wt, s, p)[0], f"stride-1 dA {case}")
 
