@@ -128,6 +128,7 @@ class ChunkServer:
             _PROCESS["blas_threads"] = spec.blas_threads
         self.model = Sequential.from_config(spec.model_config)
         self.X, self.y = X, y
+        self._grads: np.ndarray | None = None  # chunk gradient rows, reused from step to step
         self._listener = None
         if spec.listen:
             host = distributed.comm.get_address_host(distributed.get_worker().address)
@@ -195,7 +196,7 @@ class ChunkServer:
             inside = (first, first + len(chunk_ids))  # chunk_ids are contiguous
             roots = [k - first for k in tree_roots(n_chunks, inside)]
             n_rows = len(roots)
-            grads = np.empty((len(chunk_ids), n_params), state.dtype)
+            grads = self._grad_rows(len(chunk_ids), n_params, state.dtype)
             values = np.empty(n_rows * n_params + len(chunk_ids) * model.buffers.size,
                               state.dtype)
             stats = values[n_rows * n_params:].reshape(len(chunk_ids), model.buffers.size)
@@ -211,6 +212,15 @@ class ChunkServer:
             return values, info, None
         except Exception as exc:
             return None, np.array([time.perf_counter() - t0]), _portable(exc)
+
+    def _grad_rows(self, n_rows: int, n_params: int, dtype) -> np.ndarray:
+        """An (n_rows, n_params) buffer for a step's chunk gradients, allocated once and
+        reused (only the partial sums are copied into the reply)."""
+        grads = self._grads
+        if grads is None or len(grads) < n_rows or grads.shape[1] != n_params \
+                or grads.dtype != dtype:
+            grads = self._grads = np.empty((n_rows, n_params), dtype)
+        return grads[:n_rows]
 
     async def step_inline(self, state: np.ndarray, plan: np.ndarray) -> tuple:
         """`step`, run on the worker's event loop (which it blocks meanwhile)."""
