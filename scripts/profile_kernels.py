@@ -138,10 +138,10 @@ def partrain_step(package, model_name: str, m: int, with_adam: bool, seed: int =
 
 
 def torch_step(model_name: str, m: int, channels_last: bool, with_adam: bool):
-    """PyTorch's step of the same network (partrain.bench.torch_network), one thread."""
+    """PyTorch's step of the same network (partrain.torch_baselines.torch_network), one thread."""
     import torch
 
-    from partrain.bench import torch_network
+    from partrain.torch_baselines import torch_network
 
     torch.manual_seed(0)
     net = torch_network(model_name.replace("_", "-"))
