@@ -304,8 +304,11 @@ class Engine:
         self._bind_data(X, y)
 
     def gradient(self, batch_idx: np.ndarray, step_key: tuple[int, ...],
-                 out: np.ndarray) -> ChunkTotals:
-        """Write the SUMMED gradient of the examples `batch_idx` into `out`.
+                 out: np.ndarray, scale: float = 1.0) -> ChunkTotals:
+        """Write the SUMMED gradient of the examples `batch_idx`, times `scale`, into `out`.
+
+        `scale` (e.g. 1 / batch size for a mean) is applied while copying the sum out, the
+        one multiplication a caller would make afterwards, saving it a pass over the vector.
 
         Batch-norm statistics come back in the result for the caller to fold in once it has
         decided to apply the step (never after a non-finite loss). An exception raised while
@@ -319,7 +322,7 @@ class Engine:
         busy = self._run(batch_idx, chunks, step_key)
         t1 = time.perf_counter()
         reduce_tree(self._grad_slots, len(chunks), done=self._reduced_ranges)
-        out[...] = self._grad_slots[0]
+        np.multiply(self._grad_slots[0], out.dtype.type(scale), out=out)  # exact for 1.0
         stats = None
         if self.model.buffers.size:
             weights = np.array([stop - start for start, stop in chunks], dtype=out.dtype)

@@ -353,7 +353,8 @@ class Trainer:
         if self._grad is None:
             raise RuntimeError("train_step needs a session: `with trainer.session(X, y): ...`")
         grad = self._grad
-        totals = self.engine.gradient(batch_idx, (self.seed, STEP_STREAM, epoch, step), grad)
+        totals = self.engine.gradient(batch_idx, (self.seed, STEP_STREAM, epoch, step), grad,
+                                      scale=1.0 / len(batch_idx))  # the sum becomes a mean
         timing = self.engine.last_timing
         self.last_startup_s = 0.0
         if self._fresh_session and timing is not None:
@@ -366,7 +367,6 @@ class Trainer:
                 "update was not applied. Try a lower learning rate, scale the inputs to "
                 "[0, 1] or standardise them, or use float64."
             )
-        grad *= grad.dtype.type(1.0 / totals.n_examples)  # the sum becomes a mean
         self.optimizer.step(self.model.params, grad)
         if totals.stats is not None:
             self.model.fold_batch_stats(totals.stats)

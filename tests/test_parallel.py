@@ -342,6 +342,20 @@ def test_pool_gradient_equals_serial_bit_for_bit(cnn64, loky_cnn, n_examples):
     assert totals == expected_totals
 
 
+def test_scaled_gradient_is_the_sum_times_the_scale_bit_for_bit(cnn64, loky_cnn):
+    """gradient(..., scale=s) writes exactly fl(sum * s), whichever engine adds the chunks."""
+    model, X, y, batch_idx = cnn64
+    total, _, _ = serial_gradient(model, X, y, batch_idx, chunk_size=7)
+    scale = 1.0 / len(batch_idx)
+    out = np.empty_like(model.params)
+    loky_cnn.gradient(batch_idx, STEP_KEY, out, scale=scale)
+    np.testing.assert_array_equal(out, total * scale)
+    serial = SerialEngine(model.copy(), 7, batch_size=len(batch_idx))
+    serial.bind(X, y)
+    serial.gradient(batch_idx, STEP_KEY, out, scale=3.0)
+    np.testing.assert_array_equal(out, total * 3.0)
+
+
 def test_pool_sees_params_assigned_by_the_user(cnn64, loky_cnn):
     """Replacing engine.model.params by a new array is what the next gradient uses."""
     model, X, y, batch_idx = cnn64
