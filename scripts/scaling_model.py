@@ -10,8 +10,8 @@ A step of a batch cut into C chunks on P processes (contiguous groups of chunks)
 - slowdown(P): how much slower each process computes when P of them run side by side (shared
   caches and memory bandwidth), from the ceiling row at P = 2 and assumed to stay at that value
   beyond (an assumption: bandwidth-bound networks will do worse);
-- t_add, t_optimizer, t_scale, t_copy: one gradient addition, one Adam update, the division
-  of the summed gradient, the parameter copy into shared memory (each timed right after a
+- t_add, t_optimizer, t_scale, t_copy: one gradient addition, one Adam update, the copy of
+  the summed gradient out of its slot divided by the batch size, the parameter copy into shared memory (each timed right after a
   chunk's forward/backward, as in a step); the tree additions inside a group are made by its
   process, those across groups by the master.
 
@@ -74,7 +74,7 @@ def chunk_seconds(name: str, chunk: int) -> float:
 
 
 def master_pieces(name: str, chunk: int, repeats: int = 100) -> dict:
-    """Seconds of one gradient addition, the scaling of the sum, one Adam update and one
+    """Seconds of one gradient addition, the scaled copy of the sum, one Adam update and one
     parameter copy, each timed in a step's order right after a chunk's forward/backward (so
     with the caches as a real step leaves them: Adam ran 1.8x slower so than in a loop)."""
     model = zoo.get(name)
@@ -84,7 +84,7 @@ def master_pieces(name: str, chunk: int, repeats: int = 100) -> dict:
     a, b = np.ones_like(model.params), np.ones_like(model.params)
     adam, copy = Adam(1e-4), np.empty_like(model.params)
     adam.step(model.params, a)
-    pieces = {"add": lambda: a.__iadd__(b), "scale": lambda: a.__imul__(np.float32(0.5)),
+    pieces = {"add": lambda: a.__iadd__(b), "scale": lambda: np.multiply(b, np.float32(0.5), out=a),
               "adam": lambda: adam.step(model.params, b),
               "copy": lambda: np.copyto(copy, model.params)}
     times: dict[str, list[float]] = {k: [] for k in pieces}
