@@ -1,5 +1,6 @@
 """The example scripts in scripts/: --help, a short real run of each, their errors."""
 
+import json
 import re
 import subprocess
 import sys
@@ -24,6 +25,7 @@ HELP = {
     "train_mlp.py": ["--data-dir", "--epochs", "--dropout", "--batchnorm", "--n-jobs",
                      "--seed", "--save", "95%"],
     "bench_scaling.py": ["--n-jobs", "--repeats", "--duration"],
+    "optimizer_placement.py": ["--model", "--batch-size", "--phases", "--steps", "--json"],
 }
 
 
@@ -175,3 +177,23 @@ def test_scaling_model_predicts_a_step_by_hand():
     assert module.predict(1.0, 4, 1, 1.5, pieces) == pytest.approx(4.0 + 0.3 + 1.5)
     # 3 chunks on 2 processes: groups [0, 2) and [2, 3); the slower group decides
     assert module.predict(1.0, 3, 2, 1.0, pieces) == pytest.approx(2.0 + 0.1 + 0.1 + 1.5 + 0.2)
+
+
+def test_optimizer_placement_times_each_mode(tmp_path):
+    """Every mode gets a positive step time, 'none' is its own reference, and a batch of one
+    chunk is refused in one line."""
+    proc = run_script("optimizer_placement.py", "--model", "digits-cnn", "--batch-size", 64,
+                      "--chunk-size", 16, "--phases", 1, "--steps", 2, "--json", "out.json",
+                      cwd=tmp_path)
+    assert_ok(proc)
+    (row,) = json.loads((tmp_path / "out.json").read_text())
+    assert (row["model"], row["batch_size"], row["chunk_size"]) == ("digits-cnn", 64, 16)
+    assert set(row["step_ms"]) == {"none", "master", "sharded"}
+    assert all(ms > 0 for ms in row["step_ms"].values())
+    assert row["vs_none"]["none"] == 1.0
+    assert "sharded" in proc.stdout and "x1.000 of none" in proc.stdout
+    proc = run_script("optimizer_placement.py", "--model", "digits-cnn", "--batch-size", 16,
+                      "--chunk-size", 16, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "error: batch 16 at chunk 16 is one chunk: nothing for a second process"]

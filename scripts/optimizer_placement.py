@@ -1,0 +1,163 @@
+"""Where should Adam run? Measure what the optimizer update costs a 2-process step, and what
+splitting it between the processes (each updating half the parameters) would buy.
+
+Two processes compute their halves of a batch's chunks (forward and backward, one BLAS
+thread each) in lockstep: a spin barrier on shared memory ends every step, as partrain's
+engine does. In phases that alternate so that all modes see the same machine:
+
+- none:    no optimizer update (what the bench's ceiling row measures, plus the barrier);
+- master:  process 0 runs Adam on the whole parameter vector after its chunks, the other
+           waits (partrain's design: the master alone keeps the moments);
+- sharded: each process runs Adam on its half (the alternative with the moments split
+           between the processes).
+
+A step's time is the wall time from one barrier to the next, on process 0; each mode's
+figure is the median over its phases of the per-phase median step. Nothing here is
+partrain's engine: no parameter copy, no gradient addition, so the gaps are the optimizer's
+alone.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python scripts/optimizer_placement.py \\
+        --model mnist-cnn --batch-size 32,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import sys
+import time
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import numpy as np
+
+MODES = ("none", "master", "sharded")
+
+
+def _spin_barrier(counters: np.ndarray, rank: int, step: int) -> None:
+    """Mark this process at `step` and wait until the other one is there too."""
+    counters[rank] = step
+    while counters[1 - rank] < step:
+        pass
+
+
+def _process(rank: int, shm_name: str, model_name: str, batch_size: int, chunk_size: int,
+             phases: int, steps: int, queue) -> None:
+    from threadpoolctl import threadpool_limits
+
+    from partrain import zoo
+    from partrain.chunks import compute_chunk, keep_freed_memory, step_groups
+    from partrain.optim import Adam
+
+    threadpool_limits(1)
+    keep_freed_memory()
+    shm = shared_memory.SharedMemory(name=shm_name)
+    try:
+        counters = np.ndarray((2,), np.int64, buffer=shm.buf)
+        model = zoo.get(model_name)
+        rng = np.random.default_rng(rank)
+        X = rng.random((batch_size, *model.input_shape)).astype(model.dtype)
+        y = rng.integers(0, model.n_classes, batch_size)
+        batch_idx, grad = np.arange(batch_size), np.empty_like(model.params)
+        group = step_groups(batch_size, chunk_size, 2)[rank]
+        n = model.n_params
+        half = slice(rank * n // 2, (rank + 1) * n // 2)
+        # The update's inputs: a gradient of the size and magnitude of an averaged one.
+        update_grad = rng.normal(0, 1e-3, n).astype(model.dtype)
+        whole, own_half = model.params.copy(), model.params[half].copy()
+        optimizers = {"master": Adam(1e-6), "sharded": Adam(1e-6)}
+        times: dict[str, list[float]] = {mode: [] for mode in MODES}
+        step = 0
+        for _ in range(phases):
+            for mode in MODES:
+                step += 1
+                _spin_barrier(counters, rank, step)
+                phase = []
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    for k, bounds in group:
+                        compute_chunk(model, model.params, X, y, batch_idx, k, bounds,
+                                      (0, 1, 0, 0), grad, None)
+                    if mode == "master" and rank == 0:
+                        optimizers["master"].step(whole, update_grad)
+                    elif mode == "sharded":
+                        optimizers["sharded"].step(own_half, update_grad[half])
+                    step += 1
+                    _spin_barrier(counters, rank, step)
+                    phase.append(time.perf_counter() - t0)
+                times[mode].append(statistics.median(phase))
+        queue.put((rank, times))
+    finally:
+        shm.close()
+
+
+def measure(model_name: str, batch_size: int, chunk_size: int | None, phases: int,
+            steps: int) -> dict:
+    """Seconds per step of each mode (medians over phases) on 2 lockstep processes."""
+    from partrain import zoo
+    from partrain.chunks import default_chunk_size
+    from partrain.loky_engine import children_blas_threads
+
+    model = zoo.get(model_name)
+    chunk_size = chunk_size or default_chunk_size(model, batch_size)
+    if -(-batch_size // chunk_size) < 2:
+        raise SystemExit(f"error: batch {batch_size} at chunk {chunk_size} is one chunk: "
+                         "nothing for a second process")
+    context = multiprocessing.get_context("spawn")
+    shm = shared_memory.SharedMemory(create=True, size=16)
+    procs = []
+    try:
+        np.ndarray((2,), np.int64, buffer=shm.buf)[:] = 0
+        queue = context.SimpleQueue()
+        with children_blas_threads(1):
+            procs = [context.Process(target=_process, daemon=True, args=(
+                rank, shm.name, model_name, batch_size, chunk_size, phases, steps, queue))
+                for rank in range(2)]
+            for proc in procs:
+                proc.start()
+        results = dict(queue.get() for _ in procs)
+        for proc in procs:
+            proc.join()
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        shm.close()
+        shm.unlink()
+    per_phase = results[0]
+    none = np.array(per_phase["none"])
+    return {"model": model_name, "batch_size": batch_size, "chunk_size": chunk_size,
+            "n_params": model.n_params,
+            "step_ms": {m: 1e3 * statistics.median(per_phase[m]) for m in MODES},
+            "vs_none": {m: float(np.median(none / np.array(per_phase[m]))) for m in MODES}}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="mnist-cnn")
+    parser.add_argument("--batch-size", default="32,64", help="comma-separated")
+    parser.add_argument("--chunk-size", type=int, help="default: partrain's for the model")
+    parser.add_argument("--phases", type=int, default=12, help="phases per mode")
+    parser.add_argument("--steps", type=int, default=60, help="steps per phase")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    rows = []
+    for batch in (int(b) for b in args.batch_size.split(",")):
+        row = measure(args.model, batch, args.chunk_size, args.phases, args.steps)
+        rows.append(row)
+        print(f"{row['model']} batch {batch} (chunk {row['chunk_size']}, "
+              f"{row['n_params']:,} parameters), 2 processes:")
+        for mode in MODES:
+            ms = row["step_ms"][mode]
+            print(f"  {mode:8s} {ms:7.3f} ms/step  {batch / ms * 1e3:8,.0f} ex/s  "
+                  f"x{row['vs_none'][mode]:.3f} of none")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
