@@ -13,8 +13,7 @@ A step of a batch cut into C chunks on P processes (contiguous groups of chunks)
 - t_add, t_optimizer, t_scale, t_copy: one gradient addition, one Adam update, the copy of
   the summed gradient out of its slot divided by the batch size, the parameter copy into
   shared memory (each timed right after a chunk's forward/backward, as in a step); the tree
-  additions inside a group are made by its
-  process, those across groups by the master.
+  additions inside a group are made by its process, those across groups by the master.
 
 None of these comes from a partrain run, so the P = 1 and P = 2 predictions are checked against
 `partrain bench` measurements of the same configurations, taken in the same interleaved rounds
