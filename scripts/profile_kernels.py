@@ -304,6 +304,84 @@ def run_layers(args) -> None:
         sys.stdout.flush()
 
 
+def conv2_variants(m: int) -> dict:
+    """mnist_cnn's second convolution (24x24x8 -> 20x20x8, 5x5) at chunk `m`: each shipped
+    kernel beside the alternatives measured against it, after checking they agree."""
+    rng = np.random.default_rng(0)
+    A = rng.random((m, 24, 24, 8), dtype=np.float32)
+    W = rng.standard_normal((5, 5, 8, 8)).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    dZ = rng.standard_normal((m, 20, 20, 8)).astype(np.float32)
+    f, n_out, tile = 5, 20, 4
+
+    def side_by_side(bands):  # (f, K, N) -> (K, f * N): all kernel rows in one matmul
+        return np.ascontiguousarray(bands.transpose(1, 0, 2).reshape(bands.shape[1], -1))
+
+    forward_bands = side_by_side(F.row_bands(W, tile))
+
+    def forward_rows():  # width-only im2col, one matmul, f row-shifted additions
+        X = F.row_cols(A, f, tile, n_out, 0, 0)
+        n_tiles = X.shape[2]
+        Y = (X.reshape(-1, X.shape[3]) @ forward_bands).reshape(m, 24, n_tiles, f, tile * 8)
+        Z = Y[:, 0:n_out, :, 0].copy()
+        for di in range(1, f):
+            Z += Y[:, di:di + n_out, :, di]
+        F.add_bias(Z.reshape(m * n_out, -1), b)
+        return Z.reshape(m, n_out, -1, 8)[:, :, :n_out]
+
+    def weight_grad_long():  # one matmul per kernel row, summing over examples inside it
+        X = F.row_cols(A, f, tile, n_out, 0, 0)
+        K = X.shape[3]
+        D = dZ.reshape(-1, tile * 8)
+        d_band = np.stack([X[:, di:di + n_out].reshape(-1, K).T @ D for di in range(f)])
+        d_band = d_band.reshape(f, tile + f - 1, 8, tile, 8)
+        dW = d_band[:, 0:f, :, 0, :].copy()
+        for j in range(1, tile):
+            dW += d_band[:, j:j + f, :, j, :]
+        return dW
+
+    input_bands = side_by_side(F.row_bands(W[:, ::-1].transpose(0, 1, 3, 2), tile))
+
+    def input_grad_one_matmul():
+        X = F.row_cols(dZ, f, tile, 24, 0, f - 1)
+        n_tiles = X.shape[2]
+        Y = (X.reshape(-1, X.shape[3]) @ input_bands).reshape(m, n_out, n_tiles, f, tile * 8)
+        dA = np.zeros((m, 24, n_tiles, tile * 8), np.float32)
+        for di in range(f):
+            dA[:, di:di + n_out] += Y[:, :, :, di]
+        return dA.reshape(m, 24, -1, 8)[:, :, :24]
+
+    groups = {
+        "forward": {"shipped (tiled im2col)": lambda: F.conv_forward(A, W, b),
+                    "row layout, one matmul": forward_rows},
+        "weight grad": {"shipped (per example)": lambda: F.conv_weight_grad_rows(
+                            dZ, A, W.shape, 0)[0],
+                        "one matmul per kernel row": weight_grad_long},
+        "input grad": {"shipped (f matmuls)": lambda: F.conv_input_grad(dZ, W, A.shape, 1, 0),
+                       "one matmul, rows side by side": input_grad_one_matmul},
+    }
+    for group in groups.values():
+        shipped, *others = group.values()
+        for other in others:
+            np.testing.assert_allclose(other(), shipped(), rtol=1e-4, atol=1e-3)
+    groups["forward"]["FFT of the input alone (rfft2)"] = lambda: np.fft.rfft2(
+        A.transpose(0, 3, 1, 2))
+    return groups
+
+
+def run_variants(args) -> None:
+    print(f"BLAS kernel: {blas_kernel()}; clock: thread CPU time; us per example; "
+          "ratio = shipped time / variant time (median [quartiles] over rounds)")
+    for m in args.chunks or (16, 32):
+        print(f"mnist_cnn conv2, chunk {m}:")
+        for name, candidates in conv2_variants(m).items():
+            for label, (cpu, _, (ratio, lo, hi)) in interleave(
+                    candidates, args.rounds, args.per_round).items():
+                print(f"  {name:12s} {label:32s} {1e6 * cpu / m:8.2f}   x{ratio:.2f} "
+                      f"[{lo:.2f}-{hi:.2f}]")
+        sys.stdout.flush()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -320,10 +398,14 @@ def main() -> None:
     lay.add_argument("--chunks", nargs="+", type=int)
     lay.add_argument("--rounds", type=int, default=15)
     lay.add_argument("--per-round", type=int, default=5)
+    var = sub.add_parser("variants", help="mnist_cnn conv2 kernels against the alternatives")
+    var.add_argument("--chunks", nargs="+", type=int)
+    var.add_argument("--rounds", type=int, default=15)
+    var.add_argument("--per-round", type=int, default=10)
     args = parser.parse_args()
     keep_freed_memory()
     with threadpool_limits(1):
-        (run_ab if args.cmd == "ab" else run_layers)(args)
+        {"ab": run_ab, "layers": run_layers, "variants": run_variants}[args.cmd](args)
 
 
 if __name__ == "__main__":
