@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import signal
 import statistics
 import sys
 import time
@@ -51,6 +52,7 @@ def _process(rank: int, shm_name: str, model_name: str, batch_size: int, chunk_s
     from partrain.chunks import compute_chunk, keep_freed_memory, step_groups
     from partrain.optim import Adam
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops us
     threadpool_limits(1)
     keep_freed_memory()
     shm = shared_memory.SharedMemory(name=shm_name)
@@ -146,7 +148,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = []
     for batch in (int(b) for b in args.batch_size.split(",")):
-        row = measure(args.model, batch, args.chunk_size, args.phases, args.steps)
+        try:
+            row = measure(args.model, batch, args.chunk_size, args.phases, args.steps)
+        except KeyboardInterrupt:
+            print("interrupted: no figures for this batch", file=sys.stderr)
+            return 130
         rows.append(row)
         print(f"{row['model']} batch {batch} (chunk {row['chunk_size']}, "
               f"{row['n_params']:,} parameters), 2 processes:")
