@@ -369,9 +369,19 @@ def conv2_variants(m: int) -> dict:
     return groups
 
 
+def gemm_shapes(m: int) -> dict:
+    """(rows, K, N) of the matmuls in the shipped conv2 kernels at chunk `m`, and a large
+    square one for the BLAS's peak."""
+    return {"conv2 forward (tiled im2col)": (100 * m, 320, 32),
+            "conv2 input grad, per kernel row": (120 * m, 64, 32),
+            "conv2 weight grad, per example and row": (64, 100, 32),
+            "square 1024 (peak)": (1024, 1024, 1024)}
+
+
 def run_variants(args) -> None:
     print(f"BLAS kernel: {blas_kernel()}; clock: thread CPU time; us per example; "
           "ratio = shipped time / variant time (median [quartiles] over rounds)")
+    rng = np.random.default_rng(0)
     for m in args.chunks or (16, 32):
         print(f"mnist_cnn conv2, chunk {m}:")
         for name, candidates in conv2_variants(m).items():
@@ -379,6 +389,15 @@ def run_variants(args) -> None:
                     candidates, args.rounds, args.per_round).items():
                 print(f"  {name:12s} {label:32s} {1e6 * cpu / m:8.2f}   x{ratio:.2f} "
                       f"[{lo:.2f}-{hi:.2f}]")
+        shapes = gemm_shapes(m)
+        operands = {k: (rng.random((r, K), dtype=np.float32), rng.random((K, N), np.float32))
+                    for k, (r, K, N) in shapes.items()}
+        timed = interleave({k: (lambda a=a, b=b: a @ b) for k, (a, b) in operands.items()},
+                           args.rounds, args.per_round)
+        for k, (cpu, _, _) in timed.items():
+            rows, K, N = shapes[k]
+            print(f"  matmul {k:40s} ({rows} x {K}) @ ({K} x {N}): "
+                  f"{2 * rows * K * N / cpu / 1e9:6.1f} GFLOP/s")
         sys.stdout.flush()
 
 
