@@ -180,7 +180,7 @@ def test_scaling_model_predicts_a_step_by_hand():
 
 
 def test_optimizer_placement_times_each_mode(tmp_path):
-    """Every mode gets a positive step time, 'none' is its own reference, and a batch of one
+    """Every mode gets a positive step time, 'free' is its own reference, and a batch of one
     chunk is refused in one line."""
     proc = run_script("optimizer_placement.py", "--model", "digits-cnn", "--batch-size", 64,
                       "--chunk-size", 16, "--phases", 1, "--steps", 2, "--json", "out.json",
@@ -188,10 +188,10 @@ def test_optimizer_placement_times_each_mode(tmp_path):
     assert_ok(proc)
     (row,) = json.loads((tmp_path / "out.json").read_text())
     assert (row["model"], row["batch_size"], row["chunk_size"]) == ("digits-cnn", 64, 16)
-    assert set(row["step_ms"]) == {"none", "master", "sharded"}
+    assert set(row["step_ms"]) == {"free", "none", "master", "sharded"}
     assert all(ms > 0 for ms in row["step_ms"].values())
-    assert row["vs_none"]["none"] == 1.0
-    assert "sharded" in proc.stdout and "x1.000 of none" in proc.stdout
+    assert row["vs_free"]["free"] == 1.0
+    assert "sharded" in proc.stdout and "x1.000 of free" in proc.stdout
     proc = run_script("optimizer_placement.py", "--model", "digits-cnn", "--batch-size", 16,
                       "--chunk-size", 16, cwd=tmp_path)
     assert proc.returncode != 0
