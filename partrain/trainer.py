@@ -353,8 +353,9 @@ class Trainer:
         if self._grad is None:
             raise RuntimeError("train_step needs a session: `with trainer.session(X, y): ...`")
         grad = self._grad
+        mean = 1.0 / max(len(batch_idx), 1)  # the sum becomes a mean (the engine refuses 0)
         totals = self.engine.gradient(batch_idx, (self.seed, STEP_STREAM, epoch, step), grad,
-                                      scale=1.0 / len(batch_idx))  # the sum becomes a mean
+                                      scale=mean)
         timing = self.engine.last_timing
         self.last_startup_s = 0.0
         if self._fresh_session and timing is not None:

@@ -683,3 +683,20 @@ def test_early_stopping_stops_and_restores_the_best_params(monitor, n_jobs):
     best = reference("batchnorm", epochs=1)
     np.testing.assert_array_equal(model.params, best.params)
     np.testing.assert_array_equal(model.buffers, best.buffers)
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+@pytest.mark.parametrize("n_examples", [0, 17])
+def test_train_step_refuses_an_empty_or_oversized_batch_in_one_line(n_jobs, n_examples):
+    """A batch of 0 or more than batch_size examples is a ValueError naming the sizes, and
+    leaves the parameters and the optimizer untouched."""
+    model = zoo.digits_cnn(seed=0)
+    X = np.random.default_rng(0).random((40, 8, 8, 1)).astype(np.float32)
+    y = np.arange(40) % 10
+    trainer = Trainer(model, n_jobs=n_jobs, batch_size=16, chunk_size=8, progress=False)
+    before = model.params.copy()
+    with trainer, trainer.session(X, y):
+        with pytest.raises(ValueError, match=f"1 to 16 examples .*got {n_examples}"):
+            trainer.train_step(np.arange(n_examples))
+    np.testing.assert_array_equal(model.params, before)
+    assert trainer.optimizer.state["step"] == 0
