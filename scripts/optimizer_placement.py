@@ -142,17 +142,38 @@ def measure(model_name: str, batch_size: int, chunk_size: int | None, phases: in
             "vs_free": {m: float(np.median(free / per_phase[m])) for m in MODES}}
 
 
+def positive_int(text: str) -> int:
+    """An integer >= 1 (argparse turns the ValueError into a one-line usage error)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def positive_int_list(text: str) -> list[int]:
+    """'32,64' -> [32, 64], each >= 1."""
+    return [positive_int(part) for part in text.split(",")]
+
+
 def main(argv=None) -> int:
+    from partrain import zoo
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="mnist-cnn")
-    parser.add_argument("--batch-size", default="32,64", help="comma-separated")
-    parser.add_argument("--chunk-size", type=int, help="default: partrain's for the model")
-    parser.add_argument("--phases", type=int, default=12, help="phases per mode")
-    parser.add_argument("--steps", type=int, default=60, help="steps per phase")
+    parser.add_argument("--model", default="mnist-cnn", choices=sorted(zoo.MODELS))
+    parser.add_argument("--batch-size", default="32,64", type=positive_int_list,
+                        help="comma-separated")
+    parser.add_argument("--chunk-size", type=positive_int,
+                        help="default: partrain's for the model")
+    parser.add_argument("--phases", type=positive_int, default=12,
+                        help="phases per mode")
+    parser.add_argument("--steps", type=positive_int, default=60,
+                        help="steps per phase")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    if args.json and not args.json.parent.is_dir():
+        parser.error(f"--json: folder {args.json.parent} does not exist")
     rows = []
-    for batch in (int(b) for b in args.batch_size.split(",")):
+    for batch in args.batch_size:
         try:
             row = measure(args.model, batch, args.chunk_size, args.phases, args.steps)
         except KeyboardInterrupt:

@@ -197,3 +197,8 @@ def test_optimizer_placement_times_each_mode(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [
         "error: batch 16 at chunk 16 is one chunk: nothing for a second process"]
+    for bad in (["--batch-size", "0"], ["--model", "resnet"], ["--phases", "x"],
+                ["--json", "missing/out.json"]):
+        proc = run_script("optimizer_placement.py", *bad, cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "optimizer_placement.py: error: " in proc.stderr.strip().splitlines()[-1]
