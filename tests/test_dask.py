@@ -177,6 +177,15 @@ def server_threads(client) -> list[str]:
             if name == "partrain-chunk-server"]
 
 
+def server_threads_after_they_end(client, timeout: float = 10.0) -> list[str]:
+    """server_threads once those of closed engines have ended (they stop asynchronously),
+    or what is still alive after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while server_threads(client) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return server_threads(client)
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_step_sends_the_state_once_per_worker_and_no_task(client, transport):
     """last_bytes: the parameter vector (+ buffers) to each worker; back, one gradient per
@@ -185,6 +194,7 @@ def test_a_step_sends_the_state_once_per_worker_and_no_task(client, transport):
     After close(), no server thread is left on the workers."""
     model = mlp_batchnorm()
     X, y = make_data(model, 32)
+    assert server_threads_after_they_end(client) == []  # earlier tests' servers have ended
     engine = DaskEngine(model, 8, 1, 32, scheduler=client, transport=transport)
     grad = np.empty_like(model.params)
     try:
@@ -202,10 +212,7 @@ def test_a_step_sends_the_state_once_per_worker_and_no_task(client, transport):
     assert engine.last_bytes == {
         "params": model.params.nbytes + model.buffers.nbytes, "workers": N_WORKERS,
         "grads": 2 * model.params.nbytes + 4 * model.buffers.nbytes}
-    deadline = time.monotonic() + 10
-    while server_threads(client) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server_threads(client) == []
+    assert server_threads_after_they_end(client) == []
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
