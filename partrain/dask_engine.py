@@ -749,6 +749,9 @@ class DaskEngine(Engine):
         """Release the servers and data; close the client and cluster created here
         (idempotent). `kill` changes nothing: a step in progress on a worker finishes there."""
         client, cluster, self._client, self._cluster = self._client, self._cluster, None, None
+        for server in self._servers:  # each server's socket thread ends now, dropping its
+            if server.sock is not None:  # model and data (not whenever the socket is collected)
+                server.sock.close()
         if client is not None and client.status == "running":
             # cancelled, not just dropped: the scheduler forgets them before any worker closes
             client.cancel([s.future for s in self._servers] + self._data)

@@ -215,6 +215,25 @@ def test_a_step_sends_the_state_once_per_worker_and_no_task(client, transport):
     assert server_threads_after_they_end(client) == []
 
 
+def test_close_ends_the_server_threads_even_while_their_sockets_are_referenced(client):
+    """close() closes each server's socket itself: a reference that outlives the engine (a
+    traceback's frame, a debugger) must not keep the workers' threads, models and training
+    set alive until the socket object is garbage-collected."""
+    model = mlp_batchnorm()
+    X, y = make_data(model, 32)
+    assert server_threads_after_they_end(client) == []
+    engine = DaskEngine(model, 8, 1, 32, scheduler=client, transport="socket")
+    try:
+        engine.bind(X, y)
+        engine.gradient(np.arange(32), (0, 1, 0, 0), np.empty_like(model.params))
+        held = [server.sock for server in engine._servers]  # outlives close()
+        assert len(held) == N_WORKERS and len(server_threads(client)) == N_WORKERS
+    finally:
+        engine.close()
+    assert server_threads_after_they_end(client, timeout=5.0) == []
+    assert all(sock.fileno() == -1 for sock in held)
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_workers_send_the_partial_sums_of_their_ranges(client, transport):
     """6 chunks on 2 workers, ranges [0, 3) and [3, 6): each sends the 2 partial sums its
