@@ -457,10 +457,10 @@ def merge_rounds(rounds: list[BenchRow]) -> BenchRow:
     row.windows = windows
     row.examples_per_s = statistics.median(windows)
     row.examples_per_s_min, row.examples_per_s_max = min(windows), max(windows)
-    for name in ("gflops", "step_ms", "compute_ms", "engine_ms", "optimizer_ms"):
+    for name in ("step_ms", "compute_ms", "engine_ms", "optimizer_ms"):
         values = [getattr(r, name) for r in rounds if getattr(r, name) is not None]
         setattr(row, name, statistics.median(values) if values else None)
-    if row.gflops is not None:
+    if row.gflops is not None:  # follows the merged examples/s
         row.gflops = row.examples_per_s * zoo.get(row.model).flops_per_example() / 1e9
     for name in ("worker_peak_rss_mb", "worker_private_rss_mb"):
         per_round = [getattr(r, name) for r in rounds if getattr(r, name)]
