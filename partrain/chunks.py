@@ -24,8 +24,8 @@ from .model import Sequential
 MIN_CHUNK_FLOPS = 30e6  # below this a chunk's matmuls get too small to run efficiently
 MIN_CHUNK_EXAMPLES = 16  # mnist_cnn: 8-example chunks ran 15-35% slower per example than 16
 # The smallest chunk whose per-example cost stays within 5 % of the cheapest chunk size, per
-# zoo network (float32, one BLAS thread, native kernels): `python scripts/chunk_efficiency.py`,
-# output in scripts/bench/chunk_efficiency.txt (signs-cnn and mnist-cnn from a 25-round rerun).
+# zoo network (float32, one BLAS thread, native kernels): `python benchmarks/chunk_efficiency.py`,
+# output in benchmarks/results/chunk_efficiency.txt (signs-cnn and mnist-cnn from a 25-round rerun).
 # signs-cnn: 16, not the 8 that one process alone allows (8 and 16 within 1 % there): full steps
 # of 2 processes ran 11-16 % slower with chunks of 8 than of 16 (`partrain bench --chunk-plan
 # auto,max4`, interleaved, 2026-11-29), and so did the ceiling of 2 independent processes.

@@ -29,13 +29,13 @@ def run_script(tmp_path, source: str, timeout: float = 120) -> subprocess.Comple
 
 
 def test_random_sigints_never_hang_lose_the_checkpoint_or_leak(tmp_path):
-    """20 SIGINTs at random moments of real 2-process runs (scripts/stress_signals.py):
+    """20 SIGINTs at random moments of real 2-process runs (benchmarks/stress_signals.py):
     no hang, exit 130 (or death by SIGINT if it landed while the interpreter was exiting, or
     0 if the run had ended), a readable checkpoint after every interrupt, no shared memory and
     no worker left behind."""
     report = tmp_path / "stress.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "stress_signals.py"), "--runs", "20",
+        [sys.executable, str(ROOT / "benchmarks" / "stress_signals.py"), "--runs", "20",
          "--epochs", "2", "--timeout", "15", "--json", str(report)],
         capture_output=True, text=True, timeout=540)
     assert report.exists(), proc.stderr[-3000:]

@@ -1,6 +1,5 @@
 """The example scripts in scripts/: --help, a short real run of each, their errors."""
 
-import json
 import re
 import subprocess
 import sys
@@ -24,8 +23,6 @@ HELP = {
                        "98%"],
     "train_mlp.py": ["--data-dir", "--epochs", "--dropout", "--batchnorm", "--n-jobs",
                      "--seed", "--save", "95%"],
-    "bench_scaling.py": ["--n-jobs", "--repeats", "--duration"],
-    "optimizer_placement.py": ["--model", "--batch-size", "--phases", "--steps", "--json"],
 }
 
 
@@ -141,64 +138,3 @@ def test_mnist_scripts_without_data_fail_in_one_line(name, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"{name}: error:"), proc.stderr
     for filename in MNIST_FILES:
         assert filename in lines[0]
-
-
-# ----------------------------------------------------------------------------- bench_scaling.py
-
-
-def test_bench_scaling_runs(tmp_path):
-    proc = run_script("bench_scaling.py", "--repeats", 1, "--duration", 0.2, "--warmup", 0.1,
-                      cwd=tmp_path)
-    assert_ok(proc)
-    out = proc.stdout
-    rows = [line.split() for line in out.splitlines()
-            if line.startswith(("signs-cnn", "mnist-cnn")) and "partrain" in line]
-    assert [(r[0], r[1], r[4]) for r in rows] == [("signs-cnn", "64", "1"),
-                                                  ("signs-cnn", "64", "2"),
-                                                  ("mnist-cnn", "32", "1"),
-                                                  ("mnist-cnn", "32", "2")], out
-    assert re.search(r"signs-cnn batch 64: n_jobs=2 runs \d+\.\d+x", out), out
-    assert re.search(r"mnist-cnn batch 32: n_jobs=2 runs \d+\.\d+x", out), out
-    assert "wall time" in out
-
-
-def test_scaling_model_predicts_a_step_by_hand():
-    """scripts/scaling_model.py's step model on numbers worked out by hand: 4 chunks on 2
-    processes make 2 chunks each (2 x 1.0 x slowdown 1.5, plus the addition inside each
-    group), the master the one addition across groups, the scaling, Adam and the copy."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("scaling_model", SCRIPTS / "scaling_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    pieces = {"add": 0.1, "adam": 1.0, "scale": 0.5, "copy": 0.2}
-    assert module.predict(1.0, 4, 2, 1.5, pieces) == pytest.approx(3.0 + 0.1 + 0.1 + 1.5 + 0.2)
-    # one process: no slowdown, no copy; its own 3 additions
-    assert module.predict(1.0, 4, 1, 1.5, pieces) == pytest.approx(4.0 + 0.3 + 1.5)
-    # 3 chunks on 2 processes: groups [0, 2) and [2, 3); the slower group decides
-    assert module.predict(1.0, 3, 2, 1.0, pieces) == pytest.approx(2.0 + 0.1 + 0.1 + 1.5 + 0.2)
-
-
-def test_optimizer_placement_times_each_mode(tmp_path):
-    """Every mode gets a positive step time, 'free' is its own reference, and a batch of one
-    chunk is refused in one line."""
-    proc = run_script("optimizer_placement.py", "--model", "digits-cnn", "--batch-size", 64,
-                      "--chunk-size", 16, "--phases", 1, "--steps", 2, "--json", "out.json",
-                      cwd=tmp_path)
-    assert_ok(proc)
-    (row,) = json.loads((tmp_path / "out.json").read_text())
-    assert (row["model"], row["batch_size"], row["chunk_size"]) == ("digits-cnn", 64, 16)
-    assert set(row["step_ms"]) == {"free", "none", "master", "sharded"}
-    assert all(ms > 0 for ms in row["step_ms"].values())
-    assert row["vs_free"]["free"] == 1.0
-    assert "sharded" in proc.stdout and "x1.000 of free" in proc.stdout
-    proc = run_script("optimizer_placement.py", "--model", "digits-cnn", "--batch-size", 16,
-                      "--chunk-size", 16, cwd=tmp_path)
-    assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines() == [
-        "error: batch 16 at chunk 16 is one chunk: nothing for a second process"]
-    for bad in (["--batch-size", "0"], ["--model", "resnet"], ["--phases", "x"],
-                ["--json", "missing/out.json"]):
-        proc = run_script("optimizer_placement.py", *bad, cwd=tmp_path)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-        assert "optimizer_placement.py: error: " in proc.stderr.strip().splitlines()[-1]

@@ -23,9 +23,9 @@ Every process runs in the namespaces created here, so no traffic leaves them; th
 at the end, also after an error, Ctrl-C or SIGTERM (not after SIGKILL: then run
 `ip netns del partrain<pid>a; ip netns del partrain<pid>b`). Needs root and iproute2.
 
-    sudo python scripts/bench_dask_netns.py
-    sudo python scripts/bench_dask_netns.py --link none,10gbit,1gbit --batch-size 32,64,256
-    sudo python scripts/bench_dask_netns.py --link 1gbit --delay 0.2ms   # needs sch_netem
+    sudo python benchmarks/bench_dask_netns.py
+    sudo python benchmarks/bench_dask_netns.py --link none,10gbit,1gbit --batch-size 32,64,256
+    sudo python benchmarks/bench_dask_netns.py --link 1gbit --delay 0.2ms   # needs sch_netem
 """
 
 from __future__ import annotations

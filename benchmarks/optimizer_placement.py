@@ -20,7 +20,7 @@ phases, and "x of free" the median over phases of free's step / the mode's step.
 here is partrain's engine: no parameter copy, no gradient addition, so the gaps are the
 synchronisation's and the optimizer's alone.
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python scripts/optimizer_placement.py \\
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/optimizer_placement.py \\
         --model mnist-cnn --batch-size 32,64
 """
 

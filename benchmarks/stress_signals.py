@@ -15,7 +15,7 @@ and sends one signal to the master. It then counts, over all runs:
 
 All must be 0. Example (the issue's figure; ~15 minutes on 2 cores):
 
-    python scripts/stress_signals.py --runs 200 --mnist ../shared/data/mnist
+    python benchmarks/stress_signals.py --runs 200 --mnist ../shared/data/mnist
 
 Without --mnist the runs train mnist-cnn on synthetic data (fast; what the test suite runs).
 """

@@ -7,7 +7,7 @@ within `--tolerance` of the cheapest size measured. This
 script measures those costs (one BLAS thread, sizes interleaved round by round, medians) and
 prints the table that `partrain/chunks.py` records in MEASURED_CHUNKS:
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python scripts/chunk_efficiency.py
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/chunk_efficiency.py
 """
 
 from __future__ import annotations

@@ -8,12 +8,12 @@ which OpenBLAS kernel ran):
 
     # per-layer (forward / backward) and per-operation profile of mnist_cnn, chunks 8-64
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE PYTHONPATH=. \\
-        /work/main/.venv/bin/python scripts/profile_kernels.py layers --chunks 8 16 32 64
+        python benchmarks/profile_kernels.py layers --chunks 8 16 32 64
     # whole chunk step: this checkout vs a git revision vs torch (NCHW, channels_last)
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE PYTHONPATH=. \\
-        /work/main/.venv/bin/python scripts/profile_kernels.py ab --baseline f3a23a2 --torch
+        python benchmarks/profile_kernels.py ab --baseline f3a23a2 --torch
     OPENBLAS_CORETYPE=Haswell PYTHONPATH=. \\
-        /work/main/.venv/bin/python scripts/profile_kernels.py ab --baseline f3a23a2 --torch
+        python benchmarks/profile_kernels.py ab --baseline f3a23a2 --torch
 
 Everything runs on one BLAS thread (threadpoolctl) and torch.set_num_threads(1), after
 partrain.chunks.keep_freed_memory() as in every computing process. Each configuration's

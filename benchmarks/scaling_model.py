@@ -23,7 +23,7 @@ the smallest batch that keeps N cores at least 80 % efficient. It also prints th
 serial time per step at 2, 4, 8 and 16 chunks, for the old left-to-right reduction on the
 master and for the tree.
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python scripts/scaling_model.py
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/scaling_model.py
 """
 
 from __future__ import annotations
