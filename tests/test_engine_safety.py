@@ -36,7 +36,8 @@ def test_random_sigints_never_hang_lose_the_checkpoint_or_leak(tmp_path):
     report = tmp_path / "stress.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "stress_signals.py"), "--runs", "20",
-         "--epochs", "2", "--timeout", "15", "--json", str(report)],
+         "--epochs", "2", "--timeout", "15", "--window-fraction", "0.6",
+         "--json", str(report)],
         capture_output=True, text=True, timeout=540)
     assert report.exists(), proc.stderr[-3000:]
     summary = json.loads(report.read_text())["summary"]
