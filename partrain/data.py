@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -89,6 +90,21 @@ _FASHION_MNIST_SHA256 = {
 }
 
 
+# SHA-256 of the decompressed official MNIST files (issue 21): a copy gzipped by any gzip, or
+# not compressed at all, is verified by its content. Fashion-MNIST has none pinned yet.
+_MNIST_CONTENT_SHA256 = {
+    "train-images-idx3-ubyte":
+        "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte":
+        "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte":
+        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte":
+        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
 class DataError(ValueError):
     """A data file or array exists but its content is corrupt or invalid."""
 
@@ -104,8 +120,9 @@ class _IdxSource:
     title: str
     folders: tuple[str, ...]  # sub-folders of data_dir searched in order; the first gets downloads
     mirrors: tuple[str, ...]  # base URLs, tried in order
-    sha256: dict[str, str]
+    sha256: dict[str, str]  # of the official .gz files, by file name
     class_names: tuple[str, ...]
+    content_sha256: dict[str, str] = dataclasses.field(default_factory=dict)  # decompressed
 
 
 _IDX_SOURCES = {
@@ -118,6 +135,7 @@ _IDX_SOURCES = {
         ),
         _MNIST_SHA256,
         tuple(str(i) for i in range(10)),
+        _MNIST_CONTENT_SHA256,
     ),
     "fashion-mnist": _IdxSource(
         "Fashion-MNIST",
@@ -240,8 +258,12 @@ def load_dataset(
         ``"mnist"``, ``"fashion-mnist"``
             The four standard ``*-idx?-ubyte.gz`` files, looked up in ``data_dir/mnist/`` then
             ``data_dir/`` (MNIST) or in ``data_dir/fashion-mnist/`` (Fashion-MNIST). Missing
-            files are downloaded into the first of these folders when ``download`` is true.
-            Every file's SHA-256 is checked against the official value.
+            files are downloaded into the folder holding most of the others (the first on a
+            tie) when ``download`` is true. Every file is checked against the official one:
+            MNIST files may be gzipped by any gzip or uncompressed, and spelled
+            ``train-images.idx3-ubyte`` too (the SHA-256 of the decompressed bytes is checked);
+            Fashion-MNIST files must be the official ``.gz`` bytes (no decompressed checksums
+            are pinned).
         ``"signs"``
             ``train_signs`` and ``test_signs`` as ``.npz`` (keys ``x``, ``y``, ``classes``)
             or ``.h5`` (needs ``partrain[h5]``) in ``data_dir/signs/`` or ``data_dir/``.
@@ -331,7 +353,7 @@ def load_dataset(
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an IDX file, gzip-compressed if its name ends with ``.gz``.
+    """Read an IDX file, gzip-compressed (by any gzip) or not.
 
     Parameters
     ----------
@@ -348,20 +370,29 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     FileNotFoundError
         If the file does not exist.
     DataError
-        For a bad gzip stream, a bad magic number, an unknown type code, or a payload whose
+        For a bad gzip stream (a name ending with ``.gz``, or the gzip magic bytes, means
+        compressed), a bad magic number, an unknown type code, or a payload whose
         size differs from the product of the dimensions times the item size.
     """
     path = _require_file(path)
-    if path.name.endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as stream:
-                data = stream.read()
-        except (OSError, EOFError, zlib.error) as exc:
-            raise DataError(
-                f"{path}: not a valid gzip file ({exc}); delete it and fetch it again."
-            ) from exc
-    else:
-        data = path.read_bytes()
+    return _parse_idx(_idx_content(path, path.read_bytes()), path)
+
+
+def _idx_content(path: Path, blob: bytes) -> bytes:
+    """The IDX bytes of a file holding `blob`: gunzipped when the name ends with ``.gz`` or
+    the bytes start with the gzip magic (an IDX file starts with 00 00), else as they are."""
+    if not (path.name.endswith(".gz") or blob[:2] == _GZIP_MAGIC):
+        return blob
+    try:
+        return gzip.decompress(blob)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(
+            f"{path}: not a valid gzip file ({exc}); delete it and fetch it again."
+        ) from exc
+
+
+def _parse_idx(data: bytes, path: Path) -> np.ndarray:
+    """The array stored in the IDX bytes `data` read from `path` (named in errors)."""
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_TYPES or data[3] == 0:
         raise DataError(
             f"{path}: bad IDX magic number {data[:4].hex() or '(empty file)'}; expected "
@@ -579,12 +610,16 @@ def _load_idx_dataset(request: _Request) -> Dataset:
     source = _IDX_SOURCES[request.name]
     folders = [request.data_dir / sub for sub in source.folders]
     needed = [n for n in _IDX_FILES if request.wants("test" if n.startswith("t10k") else "train")]
-    folder = next((f for f in folders if all((f / n).is_file() for n in needed)), folders[0])
-    missing = [n for n in needed if not (folder / n).is_file()]
+    # the folder holding most of the needed files (the first on a tie) is the one to complete
+    found_in = [{n: p for n in needed if (p := _find_idx_file(f, n))} for f in folders]
+    best = max(range(len(folders)), key=lambda i: (len(found_in[i]), -i))
+    folder, found = folders[best], found_in[best]
+    missing = [n for n in needed if n not in found]
     failures: list[str] = []
     if missing and request.download:
-        failures = _fetch(source, folder, missing)
-        missing = [n for n in needed if not (folder / n).is_file()]
+        failures = _fetch_into(source, folder, missing)
+        found = {n: p for n in needed if (p := _find_idx_file(folder, n))}
+        missing = [n for n in needed if n not in found]
     if missing:
         reason = (
             "Downloading failed: " + "; ".join(failures) if failures
@@ -593,15 +628,15 @@ def _load_idx_dataset(request: _Request) -> Dataset:
         which = "four files" if len(needed) == 4 else f"{request.split} files"
         raise FileNotFoundError(
             f"{source.title} files missing from {folder}: {', '.join(missing)}. Put the {which} "
-            f"{', '.join(needed)} in {folder}/ (they are published at {source.mirrors[0]}). "
-            f"{reason}."
+            f"{', '.join(needed)} in {folder}/ (each may also be uncompressed, and spelled "
+            f"train-images.idx3-ubyte; they are published at {source.mirrors[0]}). {reason}."
         )
-    for filename in needed:
-        _verify_sha256(folder / filename, source.sha256[filename], source.title)
+    arrays = {n: _read_verified_idx(found[n], n, source) for n in needed}
     pairs = {}
     for split, (images, labels) in (("train", _IDX_FILES[:2]), ("test", _IDX_FILES[2:])):
         if request.wants(split):
-            pairs[split] = _read_idx_pair(folder / images, folder / labels)
+            pairs[split] = _check_idx_pair(arrays[images], arrays[labels],
+                                           found[images], found[labels])
     (x_train, y_train), (x_test, y_test) = _fill_missing_split(pairs)
     x_train, x_test = _normalize((x_train, x_test), request.normalize, request.dtype, 255.0)
     return Dataset(
@@ -844,22 +879,60 @@ def _is_positive_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _idx_spellings(filename: str) -> tuple[str, ...]:
+    """The names an IDX file is found under, in order: the official gzip name, the same
+    uncompressed, then both with a dot before ``idx`` (``train-images.idx3-ubyte``)."""
+    stem = filename.removesuffix(".gz")
+    dotted = stem.replace("-idx", ".idx")
+    return (f"{stem}.gz", stem, f"{dotted}.gz", dotted)
 
 
-def _verify_sha256(path: Path, expected: str, title: str) -> None:
-    actual = _sha256_file(path)
+def _find_idx_file(folder: Path, filename: str) -> Path | None:
+    """The first of `filename`'s spellings that is a file in `folder`, else None."""
+    return next((folder / n for n in _idx_spellings(filename) if (folder / n).is_file()), None)
+
+
+def _read_verified_idx(path: Path, filename: str, source: _IdxSource) -> np.ndarray:
+    """Read the IDX file found for the official `filename` and check it is the official one.
+
+    The official ``.gz`` bytes pass at once; any other wrapping (another gzip, none) passes
+    when the SHA-256 of the decompressed bytes is the pinned one. Without a pinned content
+    checksum (Fashion-MNIST), only the official ``.gz`` bytes pass.
+    """
+    blob = path.read_bytes()
+    stem = filename.removesuffix(".gz")
+    if path.name == filename and hashlib.sha256(blob).hexdigest() == source.sha256[filename]:
+        return _parse_idx(_idx_content(path, blob), path)
+    if stem not in source.content_sha256:
+        raise DataError(
+            f"{path}: SHA-256 is {hashlib.sha256(blob).hexdigest()}, expected "
+            f"{source.sha256[filename]} of the official {source.title} {filename}; partrain "
+            f"pins no checksum of the decompressed {source.title} files, so only the official "
+            f".gz file is accepted (not a recompressed or uncompressed copy). Replace it with "
+            f"the official {filename} (deleting it downloads it again), or load your own data "
+            "with 'npz:PATH'."
+        )
+    content = _idx_content(path, blob)
+    actual, expected = hashlib.sha256(content).hexdigest(), source.content_sha256[stem]
     if actual != expected:
         raise DataError(
-            f"{path}: SHA-256 is {actual}, expected {expected} for the official {title} file; "
-            "it is corrupt or a different file. Delete it (it is downloaded again) or load your "
-            "own data with 'npz:PATH'."
+            f"{path}: SHA-256 of the decompressed content is {actual}, expected {expected} "
+            f"of the official {source.title} {stem}; the file is corrupt or a different file. "
+            f"Replace it with a good copy of {stem} (gzipped by any gzip, or not), delete it "
+            "to have it downloaded again, or load your own data with 'npz:PATH'."
         )
+    return _parse_idx(content, path)
+
+
+def _fetch_into(source: _IdxSource, folder: Path, filenames: list[str]) -> list[str]:
+    """`_fetch`, and the folders it had to create are removed again if nothing was saved."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        return _fetch(source, folder, filenames)
+    finally:
+        for path in created:  # deepest first; a folder that holds anything stays
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def _fetch(source: _IdxSource, folder: Path, filenames: list[str]) -> list[str]:
@@ -896,8 +969,15 @@ def _read_idx_pair(
     images_path: str | os.PathLike[str], labels_path: str | os.PathLike[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read and validate raw uint8 images ``(m, rows, cols, 1)`` and int64 labels."""
-    images = read_idx(images_path)
-    labels = read_idx(labels_path)
+    return _check_idx_pair(read_idx(images_path), read_idx(labels_path), images_path,
+                           labels_path)
+
+
+def _check_idx_pair(
+    images: np.ndarray, labels: np.ndarray, images_path: object, labels_path: object
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate raw IDX images and labels read from the named files; return images
+    ``(m, rows, cols, 1)`` and int64 labels."""
     if images.ndim != 3 or images.dtype != np.uint8:
         raise DataError(
             f"{images_path}: expected 3-D uint8 images (m, rows, cols), "
