@@ -50,7 +50,8 @@ SPLITS: tuple[str, ...] = ("train", "test")
 """The splits :func:`load_dataset` can be limited to (``split=``)."""
 
 DEFAULT_DATA_DIR = "data"
-_NORMALIZE = ("scale", "standardize", "none")
+_NORMALIZE = ("scale", "standardize", "standardize-int", "none")
+_STANDARDIZE = ("standardize", "standardize-int")
 _OUTPUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _STD_EPS = 1e-8  # channels with a smaller std are only centred, never divided by ~0
 _SYNTHETIC_SIGNAL = 0.25  # weight of the class template in a synthetic image
@@ -170,6 +171,10 @@ class Dataset:
         starting with ``"SYNTHETIC"``).
     synthetic : bool
         True for generated data that carries no real-world signal.
+    normalization : dict or None
+        For the standardize modes, what was subtracted and divided by, JSON-ready:
+        ``{"method": ..., "mean": [one float per channel], "std": [...]}``; pass it back as
+        ``load_dataset(..., statistics=)`` to normalise other images the same way.
 
     Raises
     ------
@@ -187,6 +192,7 @@ class Dataset:
     class_names: tuple[str, ...]
     source: str
     synthetic: bool = False
+    normalization: dict | None = None
 
     def __post_init__(self) -> None:
         n_classes = len(self.class_names)
@@ -242,6 +248,7 @@ def load_dataset(
     dtype: npt.DTypeLike = np.float32,
     download: bool = True,
     split: str | None = None,
+    statistics: dict | None = None,
     **options: Any,
 ) -> Dataset:
     """Load a dataset by name.
@@ -281,11 +288,13 @@ def load_dataset(
             class names keep the original values, and a :class:`DataWarning` says so.
     data_dir : str or os.PathLike, optional
         The dataset cache folder, default ``"data"`` relative to the current directory.
-    normalize : {"scale", "standardize", "none"}
+    normalize : {"scale", "standardize", "standardize-int", "none"}
         ``"scale"`` maps pixels to [0, 1] (uint8 / 255, digits / 16; float images of an
         ``npz`` file are kept as they are); ``"standardize"`` subtracts the per-channel
         mean and divides by the per-channel std of the training set (channels with std
-        below 1e-8 are only centred); ``"none"`` only casts.
+        below 1e-8 are only centred); ``"standardize-int"`` does the same with the mean and
+        std truncated to integers (the NumPy CNN tutorial's ``X -= int(np.mean(X)); X /=
+        int(np.std(X))``); ``"none"`` only casts.
     dtype : float32 or float64
         dtype of the returned images.
     download : bool
@@ -293,7 +302,11 @@ def load_dataset(
     split : {"train", "test"}, optional
         Load only this split (the other holds 0 images): only its files are needed, checked
         and downloaded, e.g. the two ``t10k-*`` files of MNIST or ``test_signs``. Default:
-        both. ``normalize="standardize"`` needs the training split (its statistics).
+        both. The standardize modes need the training split (its statistics), unless
+        ``statistics`` are given.
+    statistics : dict, optional
+        For the standardize modes: use this ``Dataset.normalization`` of an earlier load
+        instead of the training set's statistics.
     **options
         Dataset-specific options listed above.
 
@@ -319,10 +332,10 @@ def load_dataset(
     _check_normalize(normalize)
     if split is not None and split not in SPLITS:
         raise ValueError(f"Invalid split: {split!r}, expected one of {list(SPLITS)} or None.")
-    if split == "test" and normalize == "standardize":
+    if split == "test" and normalize in _STANDARDIZE and statistics is None:
         raise ValueError(
-            "normalize='standardize' uses the training set's mean and std, so it needs the "
-            "training split too: load both splits (split=None)."
+            f"normalize={normalize!r} uses the training set's mean and std, so it needs the "
+            "training split too: load both splits (split=None), or pass its statistics."
         )
     key = "npz" if isinstance(name, str) and name.startswith("npz:") else name
     loader = _LOADERS.get(key)
@@ -339,11 +352,17 @@ def load_dataset(
             f"Dataset {key!r} does not accept option(s) {unknown}; "
             f"valid options: {valid or 'none'}."
         )
+    standardize = normalize in _STANDARDIZE  # (done here, for every loader alike)
     request = _Request(
-        name, Path(DEFAULT_DATA_DIR if data_dir is None else data_dir), normalize, out_dtype,
-        bool(download), split,
+        name, Path(DEFAULT_DATA_DIR if data_dir is None else data_dir),
+        "none" if standardize else normalize, out_dtype, bool(download), split,
     )
     dataset = loader(request, **options)
+    if standardize:
+        stats = _statistics(dataset.x_train, normalize) if statistics is None else \
+            _check_statistics(statistics, normalize, dataset.input_shape[-1])
+        _standardize((dataset.x_train, dataset.x_test), stats)
+        dataset = dataclasses.replace(dataset, normalization=stats)
     if split is not None:  # (loaders without files per split made both: keep one)
         (x_train, y_train), (x_test, y_test) = _fill_missing_split(
             {split: (getattr(dataset, f"x_{split}"), getattr(dataset, f"y_{split}"))})
@@ -459,8 +478,8 @@ def load_idx_pair(
         A 3-D uint8 IDX file ``(m, rows, cols)``.
     labels_path : str or os.PathLike
         A 1-D uint8 IDX file with ``m`` labels in 0..9.
-    normalize : {"scale", "standardize", "none"}
-        As in :func:`load_dataset`; ``"standardize"`` uses the statistics of these images.
+    normalize : {"scale", "standardize", "standardize-int", "none"}
+        As in :func:`load_dataset`; the standardize modes use the statistics of these images.
     dtype : float32 or float64
         dtype of the returned images.
 
@@ -847,15 +866,47 @@ def _normalize(
     if method == "scale":
         for a in out:
             a /= dtype.type(scale)
-    elif method == "standardize":
-        axes = tuple(range(out[0].ndim - 1))
-        mean = out[0].mean(axis=axes, dtype=np.float64)
-        std = out[0].std(axis=axes, dtype=np.float64)
-        std[std < _STD_EPS] = 1.0
-        for a in out:
-            a -= mean.astype(dtype)
-            a /= std.astype(dtype)
+    elif method in _STANDARDIZE:
+        _standardize(out, _statistics(out[0], method))
     return out
+
+
+def _statistics(x: np.ndarray, method: str) -> dict:
+    """The per-channel mean and std of images `x`, as ``Dataset.normalization``: truncated
+    to integers for ``"standardize-int"``; a std below _STD_EPS becomes 1 (centre only)."""
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axis=axes, dtype=np.float64)
+    std = x.std(axis=axes, dtype=np.float64)
+    if method == "standardize-int":
+        mean, std = np.trunc(mean), np.trunc(std)
+    std[std < _STD_EPS] = 1.0
+    return {"method": method, "mean": mean.tolist(), "std": std.tolist()}
+
+
+def _check_statistics(statistics: Any, method: str, n_channels: int) -> dict:
+    """`statistics` if it is a valid ``Dataset.normalization`` for `method` and images of
+    `n_channels` channels, else ValueError."""
+    try:
+        mean = np.asarray(statistics["mean"], dtype=np.float64)
+        std = np.asarray(statistics["std"], dtype=np.float64)
+        ok = statistics.get("method", method) == method and mean.shape == std.shape == \
+            (n_channels,) and np.isfinite(mean).all() and (std > 0).all()
+    except (TypeError, KeyError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"`statistics` must be the normalization of a {method!r} load: {{'method': "
+            f"{method!r}, 'mean': [...], 'std': [...]}} with {n_channels} finite values each "
+            f"(std > 0), got {statistics!r}."
+        )
+    return {"method": method, "mean": mean.tolist(), "std": std.tolist()}
+
+
+def _standardize(arrays: tuple[np.ndarray, ...] | list[np.ndarray], stats: dict) -> None:
+    """(x - mean) / std per channel, in place, in the arrays' dtype."""
+    for a in arrays:
+        a -= np.asarray(stats["mean"]).astype(a.dtype)
+        a /= np.asarray(stats["std"]).astype(a.dtype)
 
 
 def _require_file(path: str | os.PathLike[str]) -> Path:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from partrain import data
-from partrain.data import DataError, load_dataset, write_idx
+from partrain.data import DataError, load_dataset
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
