@@ -81,6 +81,7 @@ def test_the_article_setup_trains_on_the_first_50000_images(monkeypatch):
     model, opt = module.build(args.resolved, seed=0)
     assert (opt.lr, opt.beta1, opt.beta2, opt.eps) == (0.01, 0.95, 0.99, 1e-7)
     assert opt.bias_correction is False and opt.eps_inside_sqrt is True
+    assert opt.keep_moments is False  # the tutorial's adamGD makes new m and v per batch
     assert args.resolved["normalize"] == "standardize-int"
     inits = [layer.config().get("init") for layer in model.layers if layer.param_specs()]
     assert inits == ["array", "array", "small", "small"]
