@@ -87,14 +87,15 @@ def _dataset_options(args, model: Sequential | None) -> dict:
 
 
 def _load_data(args, model: Sequential | None, options: dict | None = None,
-               split: str | None = None):
-    """The dataset named by --dataset, normalised by --normalize, with `options`; only
-    `split` ("train" or "test") if given. What the loader noticed goes to stderr as notes."""
+               split: str | None = None, statistics: dict | None = None):
+    """The dataset named by --dataset, normalised by --normalize (with the standardize
+    `statistics` if given), with `options`; only `split` ("train" or "test") if given. What
+    the loader noticed goes to stderr as notes."""
     options = _dataset_options(args, model) if options is None else options
     with warnings.catch_warnings(record=True) as noticed:
         warnings.simplefilter("always", DataWarning)
         data = load_dataset(args.dataset, args.data_dir, normalize=args.normalize, split=split,
-                            **options)
+                            statistics=statistics, **options)
     for warning in noticed:
         if issubclass(warning.category, DataWarning):
             print(f"note: {warning.message}", file=sys.stderr)
@@ -225,6 +226,8 @@ def _train(args, scheduler, signals: _Signals) -> int:
                               dataset_options={k: list(v) if isinstance(v, tuple) else v
                                                for k, v in options.items()},
                               validation_split=args.validation_split)
+        if data.normalization is not None:  # evaluate then needs no training split
+            model.metadata["normalization"] = data.normalization
         trainer.checkpoint_claim = claim
         if data.synthetic and not args.quiet:
             print("NOTE: SYNTHETIC random data: for timing experiments only.", file=sys.stderr)
@@ -709,9 +712,12 @@ def cmd_evaluate(args) -> int:
     if args.normalize is None:
         args.normalize = model.metadata.get("normalize", "scale")
     # only the split evaluated, unless standardising needs the training set's statistics
-    split = None if args.normalize == "standardize" else \
+    # and the model does not carry them (files from before they were recorded)
+    stats = model.metadata.get("normalization")
+    stats = stats if isinstance(stats, dict) and stats.get("method") == args.normalize else None
+    split = None if args.normalize.startswith("standardize") and stats is None else \
         "test" if args.split == "test" else "train"
-    data = _load_data(args, model, split=split)
+    data = _load_data(args, model, split=split, statistics=stats)
     _check_fit(model, data, f"the model in {args.model_file}")
     X, y = _evaluation_split(args, model, data)
     pred = model.predict(X)
@@ -890,7 +896,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _add_data_options(parser, normalize_default="scale") -> None:
     parser.add_argument("--data-dir", default="data", help="dataset folder (default data/)")
-    parser.add_argument("--normalize", choices=["scale", "standardize", "none"],
+    parser.add_argument("--normalize", choices=["scale", "standardize", "standardize-int",
+                                                "none"],
                         default=normalize_default,
                         help="input scaling (default scale, or the one the model or checkpoint "
                         "was trained with)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -49,7 +50,8 @@ SPLITS: tuple[str, ...] = ("train", "test")
 """The splits :func:`load_dataset` can be limited to (``split=``)."""
 
 DEFAULT_DATA_DIR = "data"
-_NORMALIZE = ("scale", "standardize", "none")
+_NORMALIZE = ("scale", "standardize", "standardize-int", "none")
+_STANDARDIZE = ("standardize", "standardize-int")
 _OUTPUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _STD_EPS = 1e-8  # channels with a smaller std are only centred, never divided by ~0
 _SYNTHETIC_SIGNAL = 0.25  # weight of the class template in a synthetic image
@@ -89,6 +91,21 @@ _FASHION_MNIST_SHA256 = {
 }
 
 
+# SHA-256 of the decompressed official MNIST files (issue 21): a copy gzipped by any gzip, or
+# not compressed at all, is verified by its content. Fashion-MNIST has none pinned yet.
+_MNIST_CONTENT_SHA256 = {
+    "train-images-idx3-ubyte":
+        "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte":
+        "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte":
+        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte":
+        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
 class DataError(ValueError):
     """A data file or array exists but its content is corrupt or invalid."""
 
@@ -104,8 +121,9 @@ class _IdxSource:
     title: str
     folders: tuple[str, ...]  # sub-folders of data_dir searched in order; the first gets downloads
     mirrors: tuple[str, ...]  # base URLs, tried in order
-    sha256: dict[str, str]
+    sha256: dict[str, str]  # of the official .gz files, by file name
     class_names: tuple[str, ...]
+    content_sha256: dict[str, str] = dataclasses.field(default_factory=dict)  # decompressed
 
 
 _IDX_SOURCES = {
@@ -118,6 +136,7 @@ _IDX_SOURCES = {
         ),
         _MNIST_SHA256,
         tuple(str(i) for i in range(10)),
+        _MNIST_CONTENT_SHA256,
     ),
     "fashion-mnist": _IdxSource(
         "Fashion-MNIST",
@@ -152,6 +171,10 @@ class Dataset:
         starting with ``"SYNTHETIC"``).
     synthetic : bool
         True for generated data that carries no real-world signal.
+    normalization : dict or None
+        For the standardize modes, what was subtracted and divided by, JSON-ready:
+        ``{"method": ..., "mean": [one float per channel], "std": [...]}``; pass it back as
+        ``load_dataset(..., statistics=)`` to normalise other images the same way.
 
     Raises
     ------
@@ -169,6 +192,7 @@ class Dataset:
     class_names: tuple[str, ...]
     source: str
     synthetic: bool = False
+    normalization: dict | None = None
 
     def __post_init__(self) -> None:
         n_classes = len(self.class_names)
@@ -224,6 +248,7 @@ def load_dataset(
     dtype: npt.DTypeLike = np.float32,
     download: bool = True,
     split: str | None = None,
+    statistics: dict | None = None,
     **options: Any,
 ) -> Dataset:
     """Load a dataset by name.
@@ -240,8 +265,12 @@ def load_dataset(
         ``"mnist"``, ``"fashion-mnist"``
             The four standard ``*-idx?-ubyte.gz`` files, looked up in ``data_dir/mnist/`` then
             ``data_dir/`` (MNIST) or in ``data_dir/fashion-mnist/`` (Fashion-MNIST). Missing
-            files are downloaded into the first of these folders when ``download`` is true.
-            Every file's SHA-256 is checked against the official value.
+            files are downloaded into the folder holding most of the others (the first on a
+            tie) when ``download`` is true. Every file is checked against the official one:
+            MNIST files may be gzipped by any gzip or uncompressed, and spelled
+            ``train-images.idx3-ubyte`` too (the SHA-256 of the decompressed bytes is checked);
+            Fashion-MNIST files must be the official ``.gz`` bytes (no decompressed checksums
+            are pinned).
         ``"signs"``
             ``train_signs`` and ``test_signs`` as ``.npz`` (keys ``x``, ``y``, ``classes``)
             or ``.h5`` (needs ``partrain[h5]``) in ``data_dir/signs/`` or ``data_dir/``.
@@ -259,11 +288,13 @@ def load_dataset(
             class names keep the original values, and a :class:`DataWarning` says so.
     data_dir : str or os.PathLike, optional
         The dataset cache folder, default ``"data"`` relative to the current directory.
-    normalize : {"scale", "standardize", "none"}
+    normalize : {"scale", "standardize", "standardize-int", "none"}
         ``"scale"`` maps pixels to [0, 1] (uint8 / 255, digits / 16; float images of an
         ``npz`` file are kept as they are); ``"standardize"`` subtracts the per-channel
         mean and divides by the per-channel std of the training set (channels with std
-        below 1e-8 are only centred); ``"none"`` only casts.
+        below 1e-8 are only centred); ``"standardize-int"`` does the same with the mean and
+        std truncated to integers (the NumPy CNN tutorial's ``X -= int(np.mean(X)); X /=
+        int(np.std(X))``); ``"none"`` only casts.
     dtype : float32 or float64
         dtype of the returned images.
     download : bool
@@ -271,7 +302,11 @@ def load_dataset(
     split : {"train", "test"}, optional
         Load only this split (the other holds 0 images): only its files are needed, checked
         and downloaded, e.g. the two ``t10k-*`` files of MNIST or ``test_signs``. Default:
-        both. ``normalize="standardize"`` needs the training split (its statistics).
+        both. The standardize modes need the training split (its statistics), unless
+        ``statistics`` are given.
+    statistics : dict, optional
+        For the standardize modes: use this ``Dataset.normalization`` of an earlier load
+        instead of the training set's statistics.
     **options
         Dataset-specific options listed above.
 
@@ -297,10 +332,10 @@ def load_dataset(
     _check_normalize(normalize)
     if split is not None and split not in SPLITS:
         raise ValueError(f"Invalid split: {split!r}, expected one of {list(SPLITS)} or None.")
-    if split == "test" and normalize == "standardize":
+    if split == "test" and normalize in _STANDARDIZE and statistics is None:
         raise ValueError(
-            "normalize='standardize' uses the training set's mean and std, so it needs the "
-            "training split too: load both splits (split=None)."
+            f"normalize={normalize!r} uses the training set's mean and std, so it needs the "
+            "training split too: load both splits (split=None), or pass its statistics."
         )
     key = "npz" if isinstance(name, str) and name.startswith("npz:") else name
     loader = _LOADERS.get(key)
@@ -317,11 +352,17 @@ def load_dataset(
             f"Dataset {key!r} does not accept option(s) {unknown}; "
             f"valid options: {valid or 'none'}."
         )
+    standardize = normalize in _STANDARDIZE  # (done here, for every loader alike)
     request = _Request(
-        name, Path(DEFAULT_DATA_DIR if data_dir is None else data_dir), normalize, out_dtype,
-        bool(download), split,
+        name, Path(DEFAULT_DATA_DIR if data_dir is None else data_dir),
+        "none" if standardize else normalize, out_dtype, bool(download), split,
     )
     dataset = loader(request, **options)
+    if standardize:
+        stats = _statistics(dataset.x_train, normalize) if statistics is None else \
+            _check_statistics(statistics, normalize, dataset.input_shape[-1])
+        _standardize((dataset.x_train, dataset.x_test), stats)
+        dataset = dataclasses.replace(dataset, normalization=stats)
     if split is not None:  # (loaders without files per split made both: keep one)
         (x_train, y_train), (x_test, y_test) = _fill_missing_split(
             {split: (getattr(dataset, f"x_{split}"), getattr(dataset, f"y_{split}"))})
@@ -331,7 +372,7 @@ def load_dataset(
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an IDX file, gzip-compressed if its name ends with ``.gz``.
+    """Read an IDX file, gzip-compressed (by any gzip) or not.
 
     Parameters
     ----------
@@ -348,20 +389,29 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     FileNotFoundError
         If the file does not exist.
     DataError
-        For a bad gzip stream, a bad magic number, an unknown type code, or a payload whose
+        For a bad gzip stream (a name ending with ``.gz``, or the gzip magic bytes, means
+        compressed), a bad magic number, an unknown type code, or a payload whose
         size differs from the product of the dimensions times the item size.
     """
     path = _require_file(path)
-    if path.name.endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as stream:
-                data = stream.read()
-        except (OSError, EOFError, zlib.error) as exc:
-            raise DataError(
-                f"{path}: not a valid gzip file ({exc}); delete it and fetch it again."
-            ) from exc
-    else:
-        data = path.read_bytes()
+    return _parse_idx(_idx_content(path, path.read_bytes()), path)
+
+
+def _idx_content(path: Path, blob: bytes) -> bytes:
+    """The IDX bytes of a file holding `blob`: gunzipped when the name ends with ``.gz`` or
+    the bytes start with the gzip magic (an IDX file starts with 00 00), else as they are."""
+    if not (path.name.endswith(".gz") or blob[:2] == _GZIP_MAGIC):
+        return blob
+    try:
+        return gzip.decompress(blob)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(
+            f"{path}: not a valid gzip file ({exc}); delete it and fetch it again."
+        ) from exc
+
+
+def _parse_idx(data: bytes, path: Path) -> np.ndarray:
+    """The array stored in the IDX bytes `data` read from `path` (named in errors)."""
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_TYPES or data[3] == 0:
         raise DataError(
             f"{path}: bad IDX magic number {data[:4].hex() or '(empty file)'}; expected "
@@ -428,8 +478,8 @@ def load_idx_pair(
         A 3-D uint8 IDX file ``(m, rows, cols)``.
     labels_path : str or os.PathLike
         A 1-D uint8 IDX file with ``m`` labels in 0..9.
-    normalize : {"scale", "standardize", "none"}
-        As in :func:`load_dataset`; ``"standardize"`` uses the statistics of these images.
+    normalize : {"scale", "standardize", "standardize-int", "none"}
+        As in :func:`load_dataset`; the standardize modes use the statistics of these images.
     dtype : float32 or float64
         dtype of the returned images.
 
@@ -579,12 +629,16 @@ def _load_idx_dataset(request: _Request) -> Dataset:
     source = _IDX_SOURCES[request.name]
     folders = [request.data_dir / sub for sub in source.folders]
     needed = [n for n in _IDX_FILES if request.wants("test" if n.startswith("t10k") else "train")]
-    folder = next((f for f in folders if all((f / n).is_file() for n in needed)), folders[0])
-    missing = [n for n in needed if not (folder / n).is_file()]
+    # the folder holding most of the needed files (the first on a tie) is the one to complete
+    found_in = [{n: p for n in needed if (p := _find_idx_file(f, n))} for f in folders]
+    best = max(range(len(folders)), key=lambda i: (len(found_in[i]), -i))
+    folder, found = folders[best], found_in[best]
+    missing = [n for n in needed if n not in found]
     failures: list[str] = []
     if missing and request.download:
-        failures = _fetch(source, folder, missing)
-        missing = [n for n in needed if not (folder / n).is_file()]
+        failures = _fetch_into(source, folder, missing)
+        found = {n: p for n in needed if (p := _find_idx_file(folder, n))}
+        missing = [n for n in needed if n not in found]
     if missing:
         reason = (
             "Downloading failed: " + "; ".join(failures) if failures
@@ -593,15 +647,15 @@ def _load_idx_dataset(request: _Request) -> Dataset:
         which = "four files" if len(needed) == 4 else f"{request.split} files"
         raise FileNotFoundError(
             f"{source.title} files missing from {folder}: {', '.join(missing)}. Put the {which} "
-            f"{', '.join(needed)} in {folder}/ (they are published at {source.mirrors[0]}). "
-            f"{reason}."
+            f"{', '.join(needed)} in {folder}/ (each may also be uncompressed, and spelled "
+            f"train-images.idx3-ubyte; they are published at {source.mirrors[0]}). {reason}."
         )
-    for filename in needed:
-        _verify_sha256(folder / filename, source.sha256[filename], source.title)
+    arrays = {n: _read_verified_idx(found[n], n, source) for n in needed}
     pairs = {}
     for split, (images, labels) in (("train", _IDX_FILES[:2]), ("test", _IDX_FILES[2:])):
         if request.wants(split):
-            pairs[split] = _read_idx_pair(folder / images, folder / labels)
+            pairs[split] = _check_idx_pair(arrays[images], arrays[labels],
+                                           found[images], found[labels])
     (x_train, y_train), (x_test, y_test) = _fill_missing_split(pairs)
     x_train, x_test = _normalize((x_train, x_test), request.normalize, request.dtype, 255.0)
     return Dataset(
@@ -812,15 +866,47 @@ def _normalize(
     if method == "scale":
         for a in out:
             a /= dtype.type(scale)
-    elif method == "standardize":
-        axes = tuple(range(out[0].ndim - 1))
-        mean = out[0].mean(axis=axes, dtype=np.float64)
-        std = out[0].std(axis=axes, dtype=np.float64)
-        std[std < _STD_EPS] = 1.0
-        for a in out:
-            a -= mean.astype(dtype)
-            a /= std.astype(dtype)
+    elif method in _STANDARDIZE:
+        _standardize(out, _statistics(out[0], method))
     return out
+
+
+def _statistics(x: np.ndarray, method: str) -> dict:
+    """The per-channel mean and std of images `x`, as ``Dataset.normalization``: truncated
+    to integers for ``"standardize-int"``; a std below _STD_EPS becomes 1 (centre only)."""
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axis=axes, dtype=np.float64)
+    std = x.std(axis=axes, dtype=np.float64)
+    if method == "standardize-int":
+        mean, std = np.trunc(mean), np.trunc(std)
+    std[std < _STD_EPS] = 1.0
+    return {"method": method, "mean": mean.tolist(), "std": std.tolist()}
+
+
+def _check_statistics(statistics: Any, method: str, n_channels: int) -> dict:
+    """`statistics` if it is a valid ``Dataset.normalization`` for `method` and images of
+    `n_channels` channels, else ValueError."""
+    try:
+        mean = np.asarray(statistics["mean"], dtype=np.float64)
+        std = np.asarray(statistics["std"], dtype=np.float64)
+        ok = statistics.get("method", method) == method and mean.shape == std.shape == \
+            (n_channels,) and np.isfinite(mean).all() and (std > 0).all()
+    except (TypeError, KeyError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"`statistics` must be the normalization of a {method!r} load: {{'method': "
+            f"{method!r}, 'mean': [...], 'std': [...]}} with {n_channels} finite values each "
+            f"(std > 0), got {statistics!r}."
+        )
+    return {"method": method, "mean": mean.tolist(), "std": std.tolist()}
+
+
+def _standardize(arrays: tuple[np.ndarray, ...] | list[np.ndarray], stats: dict) -> None:
+    """(x - mean) / std per channel, in place, in the arrays' dtype."""
+    for a in arrays:
+        a -= np.asarray(stats["mean"]).astype(a.dtype)
+        a /= np.asarray(stats["std"]).astype(a.dtype)
 
 
 def _require_file(path: str | os.PathLike[str]) -> Path:
@@ -844,22 +930,60 @@ def _is_positive_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _idx_spellings(filename: str) -> tuple[str, ...]:
+    """The names an IDX file is found under, in order: the official gzip name, the same
+    uncompressed, then both with a dot before ``idx`` (``train-images.idx3-ubyte``)."""
+    stem = filename.removesuffix(".gz")
+    dotted = stem.replace("-idx", ".idx")
+    return (f"{stem}.gz", stem, f"{dotted}.gz", dotted)
 
 
-def _verify_sha256(path: Path, expected: str, title: str) -> None:
-    actual = _sha256_file(path)
+def _find_idx_file(folder: Path, filename: str) -> Path | None:
+    """The first of `filename`'s spellings that is a file in `folder`, else None."""
+    return next((folder / n for n in _idx_spellings(filename) if (folder / n).is_file()), None)
+
+
+def _read_verified_idx(path: Path, filename: str, source: _IdxSource) -> np.ndarray:
+    """Read the IDX file found for the official `filename` and check it is the official one.
+
+    The official ``.gz`` bytes pass at once; any other wrapping (another gzip, none) passes
+    when the SHA-256 of the decompressed bytes is the pinned one. Without a pinned content
+    checksum (Fashion-MNIST), only the official ``.gz`` bytes pass.
+    """
+    blob = path.read_bytes()
+    stem = filename.removesuffix(".gz")
+    if path.name == filename and hashlib.sha256(blob).hexdigest() == source.sha256[filename]:
+        return _parse_idx(_idx_content(path, blob), path)
+    if stem not in source.content_sha256:
+        raise DataError(
+            f"{path}: SHA-256 is {hashlib.sha256(blob).hexdigest()}, expected "
+            f"{source.sha256[filename]} of the official {source.title} {filename}; partrain "
+            f"pins no checksum of the decompressed {source.title} files, so only the official "
+            f".gz file is accepted (not a recompressed or uncompressed copy). Replace it with "
+            f"the official {filename} (deleting it downloads it again), or load your own data "
+            "with 'npz:PATH'."
+        )
+    content = _idx_content(path, blob)
+    actual, expected = hashlib.sha256(content).hexdigest(), source.content_sha256[stem]
     if actual != expected:
         raise DataError(
-            f"{path}: SHA-256 is {actual}, expected {expected} for the official {title} file; "
-            "it is corrupt or a different file. Delete it (it is downloaded again) or load your "
-            "own data with 'npz:PATH'."
+            f"{path}: SHA-256 of the decompressed content is {actual}, expected {expected} "
+            f"of the official {source.title} {stem}; the file is corrupt or a different file. "
+            f"Replace it with a good copy of {stem} (gzipped by any gzip, or not), delete it "
+            "to have it downloaded again, or load your own data with 'npz:PATH'."
         )
+    return _parse_idx(content, path)
+
+
+def _fetch_into(source: _IdxSource, folder: Path, filenames: list[str]) -> list[str]:
+    """`_fetch`, and the folders it had to create are removed again if nothing was saved."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        return _fetch(source, folder, filenames)
+    finally:
+        for path in created:  # deepest first; a folder that holds anything stays
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def _fetch(source: _IdxSource, folder: Path, filenames: list[str]) -> list[str]:
@@ -896,8 +1020,15 @@ def _read_idx_pair(
     images_path: str | os.PathLike[str], labels_path: str | os.PathLike[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read and validate raw uint8 images ``(m, rows, cols, 1)`` and int64 labels."""
-    images = read_idx(images_path)
-    labels = read_idx(labels_path)
+    return _check_idx_pair(read_idx(images_path), read_idx(labels_path), images_path,
+                           labels_path)
+
+
+def _check_idx_pair(
+    images: np.ndarray, labels: np.ndarray, images_path: object, labels_path: object
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate raw IDX images and labels read from the named files; return images
+    ``(m, rows, cols, 1)`` and int64 labels."""
     if images.ndim != 3 or images.dtype != np.uint8:
         raise DataError(
             f"{images_path}: expected 3-D uint8 images (m, rows, cols), "

@@ -22,8 +22,17 @@ class ParamSpec:
 
     name: str
     shape: tuple[int, ...]
-    init: str  # "he" (normal, std sqrt(2 / fan_in)), "zeros" or "ones"
+    init: str  # one of WEIGHT_INITS, "zeros" or "ones"
     fan_in: int = 0
+
+
+# How Conv2D and Dense may draw their weights W (biases start at 0), all normal with mean 0:
+WEIGHT_INITS = {
+    "he": "std sqrt(2 / fan_in), He et al. 2015 (the default)",
+    "lecun": "std sqrt(1 / fan_in), LeCun et al. 1998",
+    "array": "std 1 / sqrt(W.size), the NumPy CNN tutorial's initializeFilter",
+    "small": "std 0.01, the NumPy CNN tutorial's initializeWeight",
+}
 
 
 @dataclass(frozen=True)
@@ -45,10 +54,21 @@ class Context:
 INFERENCE = Context(training=False)
 
 
+def _weight_init(init: Any) -> str:
+    if init not in WEIGHT_INITS:
+        raise ValueError(f"Invalid init: {init!r}, expected one of {sorted(WEIGHT_INITS)}.")
+    return init
+
+
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
     return int(value)
+
+
+def _init_config(init: str) -> dict:
+    """A weight init as config: nothing for the default, so older model files read the same."""
+    return {} if init == "he" else {"init": init}
 
 
 class Layer:
@@ -93,11 +113,13 @@ class Conv2D(Layer):
 
     short_name = "conv"
 
-    def __init__(self, filters: int, kernel_size: int, stride: int = 1, pad: int = 0):
+    def __init__(self, filters: int, kernel_size: int, stride: int = 1, pad: int = 0,
+                 init: str = "he"):
         self.filters = _positive_int("filters", filters)
         self.kernel_size = _positive_int("kernel_size", kernel_size)
         self.stride = _positive_int("stride", stride)
         self.pad = _positive_int("pad", pad, minimum=0)
+        self.init = _weight_init(init)  # how W is drawn: one of WEIGHT_INITS
 
     def build(self, input_shape):
         if len(input_shape) != 3:
@@ -114,9 +136,10 @@ class Conv2D(Layer):
 
     def param_specs(self):
         f, c_in = self.kernel_size, self.input_shape[2]
-        # He et al. 2015: std sqrt(2 / fan_in) keeps activations' variance through ReLUs.
+        # He et al. 2015 (the default): std sqrt(2 / fan_in) keeps activations' variance
+        # through ReLUs.
         return (
-            ParamSpec("W", (f, f, c_in, self.filters), "he", fan_in=f * f * c_in),
+            ParamSpec("W", (f, f, c_in, self.filters), self.init, fan_in=f * f * c_in),
             ParamSpec("b", (1, 1, 1, self.filters), "zeros"),
         )
 
@@ -140,7 +163,7 @@ class Conv2D(Layer):
 
     def config(self):
         return {"filters": self.filters, "kernel_size": self.kernel_size,
-                "stride": self.stride, "pad": self.pad}
+                "stride": self.stride, "pad": self.pad, **_init_config(self.init)}
 
     def __repr__(self):
         c_in = getattr(self, "input_shape", (None,) * 3)[2]
@@ -232,8 +255,9 @@ class Dense(Layer):
 
     short_name = "dense"
 
-    def __init__(self, units: int):
+    def __init__(self, units: int, init: str = "he"):
         self.units = _positive_int("units", units)
+        self.init = _weight_init(init)  # how W is drawn: one of WEIGHT_INITS
 
     def build(self, input_shape):
         if len(input_shape) != 1:
@@ -249,9 +273,9 @@ class Dense(Layer):
 
     def param_specs(self):
         n_in = self.input_shape[0]
-        # He et al. 2015 initialisation, as for Conv2D.
+        # He et al. 2015 initialisation by default, as for Conv2D.
         return (
-            ParamSpec("W", (n_in, self.units), "he", fan_in=n_in),
+            ParamSpec("W", (n_in, self.units), self.init, fan_in=n_in),
             ParamSpec("b", (self.units,), "zeros"),
         )
 
@@ -265,7 +289,7 @@ class Dense(Layer):
         return dy @ p["W"].T if need_dx else None
 
     def config(self):
-        return {"units": self.units}
+        return {"units": self.units, **_init_config(self.init)}
 
     def __repr__(self):
         n_in = getattr(self, "input_shape", ("?",))[0]

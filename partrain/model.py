@@ -9,7 +9,7 @@ import numpy as np
 
 from . import functional as F
 from .io import FileFormatError, read_npz, write_npz
-from .layers import INFERENCE, LAYER_TYPES, Context, Layer, ParamSpec
+from .layers import INFERENCE, LAYER_TYPES, WEIGHT_INITS, Context, Layer, ParamSpec
 
 DTYPES = ("float32", "float64")
 
@@ -165,8 +165,13 @@ class Sequential:
 
     @staticmethod
     def _init_values(spec: ParamSpec, rng) -> np.ndarray | float:
+        size = int(np.prod(spec.shape))
         if spec.init == "he":  # He et al. 2015: normal with std sqrt(2 / fan_in)
-            return rng.normal(0.0, np.sqrt(2.0 / spec.fan_in), size=int(np.prod(spec.shape)))
+            return rng.normal(0.0, np.sqrt(2.0 / spec.fan_in), size=size)
+        if spec.init in WEIGHT_INITS:  # the other normal draws (see layers.WEIGHT_INITS)
+            std = {"lecun": np.sqrt(1.0 / spec.fan_in), "array": 1.0 / np.sqrt(size),
+                   "small": 0.01}[spec.init]
+            return rng.normal(0.0, std, size=size)
         return 1.0 if spec.init == "ones" else 0.0
 
     @property

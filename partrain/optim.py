@@ -125,19 +125,35 @@ class Adam(Optimizer):
     correction into the step size). State: ``step`` (int t), ``m`` and ``v`` (flat arrays);
     their subnormal values become 0 every FLUSH_SUBNORMALS_EVERY steps.
     The update runs in place with `out=` arguments: no temporaries on the hot path.
+
+    Three options give the variants some tutorials write (all off by default):
+    ``bias_correction=False`` uses m and v themselves for m_hat and v_hat;
+    ``eps_inside_sqrt=True`` divides by sqrt(v_hat + eps) instead;
+    ``keep_moments=False`` starts m and v from 0 at every step (the NumPy CNN tutorial's
+    ``adamGD`` re-creates them for each batch), so each step is
+    ``lr (1 - b1) g / sqrt((1 - b2) g^2 + eps)``, close to a sign step of ``lr (1 - b1) /
+    sqrt(1 - b2)``. With all three, and lr 0.01, beta1 0.95, beta2 0.99, eps 1e-7, this is the
+    update of the tutorial of seed 003; see docs/results.md.
     """
 
     state_arrays = ("m", "v")
 
     def __init__(self, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
-                 eps: float = 1e-8):
+                 eps: float = 1e-8, bias_correction: bool = True, eps_inside_sqrt: bool = False,
+                 keep_moments: bool = True):
         super().__init__(lr)
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1), got {beta!r}.")
         if not eps > 0:
             raise ValueError(f"`eps` must be > 0, got {eps!r}.")
+        for name, flag in (("bias_correction", bias_correction),
+                           ("eps_inside_sqrt", eps_inside_sqrt), ("keep_moments", keep_moments)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise ValueError(f"`{name}` must be True or False, got {flag!r}.")
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+        self.bias_correction, self.eps_inside_sqrt = bool(bias_correction), bool(eps_inside_sqrt)
+        self.keep_moments = bool(keep_moments)
 
     def step(self, params: np.ndarray, grad: np.ndarray) -> None:
         """One update of `params` in place from the (averaged) gradient `grad`."""
@@ -146,6 +162,9 @@ class Adam(Optimizer):
         s["step"] += 1
         t, b1, b2 = s["step"], self.beta1, self.beta2
         m, v, tmp = s["m"], s["v"], self._scratch
+        if not self.keep_moments:  # the tutorial's m and v, new for every batch
+            m.fill(0.0)
+            v.fill(0.0)
         m *= b1
         np.multiply(grad, 1.0 - b1, out=tmp)
         m += tmp                                              # m = b1 m + (1 - b1) g
@@ -153,6 +172,9 @@ class Adam(Optimizer):
         np.multiply(grad, grad, out=tmp)
         tmp *= 1.0 - b2
         v += tmp                                              # v = b2 v + (1 - b2) g^2
+        if not self.bias_correction or self.eps_inside_sqrt:
+            self._variant_update(params, t)
+            return
         np.sqrt(v, out=tmp)
         tmp *= 1.0 / math.sqrt(1.0 - b2 ** t)
         tmp += self.eps                                       # sqrt(v_hat) + eps
@@ -161,8 +183,30 @@ class Adam(Optimizer):
         params -= tmp
         self._flush_subnormals()
 
+    def _variant_update(self, params: np.ndarray, t: int) -> None:
+        """The last step of a variant: params -= lr m_hat / (sqrt(v_hat + eps) or
+        sqrt(v_hat) + eps), hats bias-corrected or not."""
+        m, v, tmp = self.state["m"], self.state["v"], self._scratch
+        correct = self.bias_correction
+        np.multiply(v, 1.0 / (1.0 - self.beta2 ** t) if correct else 1.0, out=tmp)   # v_hat
+        if self.eps_inside_sqrt:
+            tmp += self.eps
+            np.sqrt(tmp, out=tmp)                             # sqrt(v_hat + eps)
+        else:
+            np.sqrt(tmp, out=tmp)
+            tmp += self.eps                                   # sqrt(v_hat) + eps
+        np.divide(m, tmp, out=tmp)
+        tmp *= self.lr / (1.0 - self.beta1 ** t) if correct else self.lr
+        params -= tmp
+        self._flush_subnormals()
+
     def hyperparams(self) -> dict:
-        return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
+        variant = {} if self.bias_correction and not self.eps_inside_sqrt and \
+            self.keep_moments else {"bias_correction": self.bias_correction,
+                                    "eps_inside_sqrt": self.eps_inside_sqrt,
+                                    "keep_moments": self.keep_moments}
+        return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
+                **variant}
 
 
 class SGD(Optimizer):

@@ -17,14 +17,18 @@ def signs_cnn(seed: int = 0, dtype="float32", n_classes: int = 6) -> Sequential:
     return Sequential(layers, (64, 64, 3), seed=seed, dtype=dtype)
 
 
-def mnist_cnn(seed: int = 0, dtype="float32", n_classes: int = 10) -> Sequential:
+def mnist_cnn(seed: int = 0, dtype="float32", n_classes: int = 10, conv_init: str = "he",
+              dense_init: str = "he") -> Sequential:
     """MNIST digits, 28x28x1 -> 10 classes (or `n_classes`).
 
     Conv 5x5 8 -> 24x24x8; ReLU; Conv 5x5 8 -> 20x20x8; ReLU; MaxPool 2 stride 2 -> 10x10x8;
-    Flatten 800; Dense 128; ReLU; Dense 10.
+    Flatten 800; Dense 128; ReLU; Dense 10. Weights are drawn as `conv_init` and `dense_init`
+    say (`layers.WEIGHT_INITS`); the tutorial's own are ``conv_init="array"`` and
+    ``dense_init="small"``.
     """
-    layers = [Conv2D(8, 5), ReLU(), Conv2D(8, 5), ReLU(), MaxPool2D(2, stride=2), Flatten(),
-              Dense(128), ReLU(), Dense(n_classes)]
+    layers = [Conv2D(8, 5, init=conv_init), ReLU(), Conv2D(8, 5, init=conv_init), ReLU(),
+              MaxPool2D(2, stride=2), Flatten(), Dense(128, init=dense_init), ReLU(),
+              Dense(n_classes, init=dense_init)]
     return Sequential(layers, (28, 28, 1), seed=seed, dtype=dtype)
 
 

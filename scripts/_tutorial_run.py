@@ -13,7 +13,8 @@ import time
 import numpy as np
 
 from partrain import Sequential, Trainer, optim
-from partrain.cli import EpochSummary
+from partrain.cli import DEFAULT_VALIDATION_SPLIT, EpochSummary
+from partrain.trainer import validation_split_point
 
 LOAD_ERRORS = (OSError, ValueError, ImportError)  # reported in one line, exit status 2
 
@@ -30,31 +31,47 @@ def add_mnist_data_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_run_options(parser: argparse.ArgumentParser, defaults: dict, seed_help: str) -> None:
-    """--epochs, --n-jobs, --seed, --save and --quiet."""
+    """--epochs, --n-jobs, --seed, --validation-split, --save and --quiet."""
     parser.add_argument("--epochs", type=int, default=defaults["epochs"],
                         help=f"epochs (default {defaults['epochs']})")
     parser.add_argument("--n-jobs", type=int, default=1,
                         help="worker processes, -1 = all cores (default 1)")
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--validation-split", type=float, default=DEFAULT_VALIDATION_SPLIT,
+                        metavar="F", help="hold out the last fraction F of the training images "
+                        "for the per-epoch validation (default "
+                        f"{DEFAULT_VALIDATION_SPLIT:g}, unless a set-up says otherwise); the test "
+                        "set is used once, at the end")
     parser.add_argument("--save", metavar="MODEL.npz", help="save the trained model here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
 
 
 def check_limit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--limit, when given, must be a positive count."""
-    if args.limit is not None and args.limit < 1:
+    """--limit, when given, must be a positive count; --validation-split in [0, 1)."""
+    if getattr(args, "limit", None) is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")
+    if not 0 <= args.validation_split < 1:
+        parser.error(f"--validation-split must be in [0, 1), got {args.validation_split:g}")
+
+
+def split_sizes(n_images: int, validation_split: float) -> str:
+    """'54,000 training + 6,000 validation' for `n_images` held out as the trainer does."""
+    n_train = validation_split_point(n_images, validation_split)
+    return f"{n_train:,} training + {n_images - n_train:,} validation"
 
 
 def fit_timed(model: Sequential, x_train: np.ndarray, y_train: np.ndarray,
-              args: argparse.Namespace, defaults: dict, validation_data=None,
-              lr_schedule=None) -> tuple[Trainer, float]:
-    """Train with Adam at the set-up's lr and batch size; return the trainer and wall seconds."""
+              args: argparse.Namespace, defaults: dict, lr_schedule=None,
+              optimizer: optim.Optimizer | None = None) -> tuple[Trainer, float]:
+    """Train with `optimizer` (default Adam at the set-up's lr) and the set-up's batch size,
+    validating on the last --validation-split of the training images (never on the test
+    set); return the trainer and the wall seconds."""
     t0 = time.perf_counter()
-    with Trainer(model, optim.Adam(defaults["lr"]), n_jobs=args.n_jobs,
-                 batch_size=defaults["batch_size"], seed=args.seed, lr_schedule=lr_schedule,
-                 progress=not args.quiet) as trainer:
-        trainer.fit(x_train, y_train, epochs=args.epochs, validation_data=validation_data,
+    optimizer = optim.Adam(defaults["lr"]) if optimizer is None else optimizer
+    with Trainer(model, optimizer, n_jobs=args.n_jobs, batch_size=defaults["batch_size"],
+                 seed=args.seed, lr_schedule=lr_schedule, progress=not args.quiet) as trainer:
+        trainer.fit(x_train, y_train, epochs=args.epochs,
+                    validation_split=args.validation_split,
                     callbacks=[EpochSummary(args.epochs, args.quiet)])
     return trainer, time.perf_counter() - t0
 

@@ -3,7 +3,7 @@
 
 The set-up: zoo.mlp(dims=(784, 100, 100, 10)) with optional dropout and batch normalisation,
 Adam lr 1e-3, batch 64, inverse-time learning-rate decay lr / (1 + d * epoch). The assignment
-expects more than 95% accuracy on both the training and the test set.
+expects more than 96% accuracy on both the training and the test set.
 
     python scripts/train_mlp.py --n-jobs 2
     python scripts/train_mlp.py --n-jobs 2 --dropout 0.2 --batchnorm
@@ -24,14 +24,16 @@ from _tutorial_run import (
     fail,
     fit_timed,
     save_if_asked,
+    split_sizes,
 )
 
 from partrain import zoo
 from partrain.cli import MODEL_DEFAULTS
 from partrain.data import load_dataset
+from partrain.trainer import validation_split_point
 
 DEFAULTS = MODEL_DEFAULTS["mlp"]  # batch 64, lr 1e-3, decay 0.01, 10 epochs
-EXPECTED = 0.95
+EXPECTED = 0.96  # the assignment: "> 96% for both test and train"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,16 +63,17 @@ def main(argv=None) -> int:
                         batchnorm=args.batchnorm, input_shape=(28, 28, 1), seed=args.seed)
         model.metadata.update(model="mlp", dataset=args.dataset, normalize="scale")
         print(f"mlp 784-100-100-10 (dropout {args.dropout:g}, batchnorm "
-              f"{'on' if args.batchnorm else 'off'}) on {data.name}: {len(x_train):,} training "
-              f"/ {len(data.x_test):,} test images, n_jobs={args.n_jobs}, batch "
+              f"{'on' if args.batchnorm else 'off'}) on {data.name}: "
+              f"{split_sizes(len(x_train), args.validation_split)} / {len(data.x_test):,} test "
+              f"images, n_jobs={args.n_jobs}, batch "
               f"{DEFAULTS['batch_size']}, Adam lr {DEFAULTS['lr']:g} / (1 + {args.lr_decay:g} "
               f"* epoch), {args.epochs} epochs")
         trainer, wall = fit_timed(model, x_train, y_train, args, DEFAULTS,
-                                  validation_data=(data.x_test, data.y_test),
                                   lr_schedule=args.lr_decay)
     except LOAD_ERRORS as exc:
         return fail("train_mlp.py", exc)
-    _, train_acc = model.evaluate(x_train, y_train)  # inference mode: no dropout
+    n_train = validation_split_point(len(x_train), args.validation_split)
+    _, train_acc = model.evaluate(x_train[:n_train], y_train[:n_train])  # inference mode
     _, test_acc = model.evaluate(data.x_test, data.y_test)
     verdict = "both above" if min(train_acc, test_acc) > EXPECTED else "NOT both above"
     print(f"train accuracy {train_acc:.4f}  test accuracy {test_acc:.4f}  wall time {wall:.1f} s "

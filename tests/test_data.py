@@ -243,7 +243,7 @@ def test_mnist_bad_mirror_checksum_raises_and_leaves_nothing(tmp_path, monkeypat
     data._IDX_SOURCES["mnist"].sha256[IDX_FILES[0]] = "0" * 64
     with pytest.raises(DataError, match=f"{IDX_FILES[0]}.*expected SHA-256 {'0' * 64}"):
         load_dataset("mnist", data_dir=tmp_path / "cache")
-    assert list((tmp_path / "cache" / "mnist").iterdir()) == []
+    assert not (tmp_path / "cache").exists()  # (issue 23: no empty folder left behind)
 
 
 def test_mnist_offline_names_all_files_and_folder(tmp_path, monkeypatch):
@@ -331,6 +331,8 @@ def test_real_mnist_t10k():
         pytest.skip(f"real MNIST t10k files not found in {MNIST_DIR}")
     for path in (images, labels):
         assert sha256(path.read_bytes()) == data._MNIST_SHA256[path.name]
+        assert sha256(gzip.decompress(path.read_bytes())) == \
+            data._MNIST_CONTENT_SHA256[path.name.removesuffix(".gz")]
     x, y = load_idx_pair(images, labels)
     assert x.shape == (10000, 28, 28, 1) and x.dtype == np.float32
     assert x.min() == 0.0 and x.max() == 1.0

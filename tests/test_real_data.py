@@ -1,5 +1,6 @@
-"""Training on real images, in parallel (n_jobs=2): the 10,000-image MNIST test set and the 120
-SIGNS test images of the shared data folder (`<repo>/../shared/data`). Skipped where absent."""
+"""Training on real images, in parallel (n_jobs=2): the 60,000 MNIST training images, the
+10,000-image MNIST test set and the 120 SIGNS test images of the shared data folder
+(`<repo>/../shared/data`). Skipped where absent."""
 
 import time
 from pathlib import Path
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from partrain import Trainer, optim, zoo
-from partrain.data import load_idx_pair, load_signs_file
+from partrain.data import load_dataset, load_idx_pair, load_signs_file
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MNIST_IMAGES = SHARED / "mnist" / "t10k-images-idx3-ubyte.gz"
@@ -93,3 +94,30 @@ def test_signs_cnn_fits_the_real_sign_images(signs):
     assert acc[0] < 0.4
     assert accuracy > 0.6
     assert max(acc[-3:]) > acc[0] + 0.3
+
+
+MNIST_TRAIN_DIR = SHARED / "mnist-train"
+
+
+def test_mnist_cnn_one_epoch_on_the_full_training_set(tmp_path):
+    """Issue 21: mnist_cnn, n_jobs=2, partrain's defaults (Adam 1e-3, batch 32, pixels / 255),
+    ONE epoch over the 60,000 training images (the shared copies, recompressed by another
+    gzip, checked by the SHA-256 of their content): >= 97% on the 10,000 test images. Measured
+    98.04% for seed 0, 19 s of training (21 s for the test) on 2 shared cores at load 4."""
+    if not MNIST_TRAIN_DIR.is_dir():
+        pytest.skip(f"the full MNIST training set is not here: no folder {MNIST_TRAIN_DIR}")
+    (tmp_path / "mnist").mkdir()
+    for path in [*MNIST_TRAIN_DIR.glob("train-*"), MNIST_IMAGES, MNIST_LABELS]:
+        (tmp_path / "mnist" / path.name).symlink_to(path)
+    data = load_dataset("mnist", tmp_path, download=False)
+    assert len(data.x_train) == 60000 and len(data.x_test) == 10000
+    model = zoo.mnist_cnn(seed=0)
+    start = time.perf_counter()
+    with Trainer(model, optim.Adam(1e-3), n_jobs=2, batch_size=32, seed=0,
+                 progress=False) as trainer:
+        trainer.fit(data.x_train, data.y_train, epochs=1)
+    elapsed = time.perf_counter() - start
+    _, accuracy = model.evaluate(data.x_test, data.y_test)
+    print(f"mnist_cnn, 1 epoch on the 60,000 MNIST training images, n_jobs=2: test accuracy "
+          f"{accuracy:.4f}, training {elapsed:.1f} s")
+    assert accuracy >= 0.97
