@@ -29,6 +29,7 @@ import contextlib
 import importlib
 import itertools
 import logging
+import multiprocessing.spawn
 import os
 import pickle
 import secrets
@@ -311,6 +312,39 @@ def _host_and_pid() -> tuple[str, int]:
 
 # ----------------------------------------------------------------------------- master side
 
+# The worker processes of a LocalCluster are started by its nannies with multiprocessing's
+# "spawn", which runs the parent's main script again in each child (as `__mp_main__`) before
+# anything else. A script that creates its Trainer at top level, without
+# `if __name__ == "__main__":`, would so start a cluster inside every worker's start-up, and
+# the workers fail ("Nanny failed to start"). Our workers need nothing from the user's script
+# (custom layers come from importable modules, see `worker_imports`), so, as loky does for its
+# workers, the processes a nanny starts while a cluster of ours is open are spawned without
+# the main module: `multiprocessing.spawn.get_preparation_data` is wrapped (once) to leave out
+# its "init_main_from_path/name" entries for them. Other processes are untouched.
+NANNY_PROCESS_NAME = "Dask Worker process (from Nanny)"  # distributed.nanny names them so
+_OWN_CLUSTERS = {"open": 0}  # LocalClusters started by a DaskEngine and not closed yet
+
+
+def _preparation_without_main(get_preparation_data):
+    """`get_preparation_data` minus the main module for our clusters' worker processes."""
+    def wrapped(name):
+        data = get_preparation_data(name)
+        if _OWN_CLUSTERS["open"] and name == NANNY_PROCESS_NAME:
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+        return data
+
+    wrapped.partrain_wrapped = True
+    return wrapped
+
+
+def _spawn_workers_without_main() -> None:
+    """Install the wrapper above (idempotent)."""
+    spawn = multiprocessing.spawn
+    if not getattr(spawn.get_preparation_data, "partrain_wrapped", False):
+        spawn.get_preparation_data = _preparation_without_main(spawn.get_preparation_data)
+
+
 
 @contextlib.contextmanager
 def _quiet(logger_name: str):
@@ -420,13 +454,21 @@ class DaskEngine(Engine):
         self._chunk_results = np.empty((n_slots, 2), np.float64)  # loss sum, n correct
         self._cluster = self._client = None
         self._owns_client = True
+        self._counted = False  # counted in _OWN_CLUSTERS until close()
         if scheduler is None:
+            _spawn_workers_without_main()
+            _OWN_CLUSTERS["open"] += 1  # (undone by close(), also when the start fails)
+            self._counted = True
             with dask.config.set(LOCAL_CLUSTER_CONFIG):
-                self._cluster = distributed.LocalCluster(
-                    n_workers=n_jobs, threads_per_worker=1, processes=True,
-                    dashboard_address=None,
-                    # no dashboard; its HTTP endpoints on a free port, not on a busy 8787
-                    scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+                try:
+                    self._cluster = distributed.LocalCluster(
+                        n_workers=n_jobs, threads_per_worker=1, processes=True,
+                        dashboard_address=None,
+                        # no dashboard; its HTTP endpoints on a free port, not on a busy 8787
+                        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+                except BaseException:
+                    self.close()
+                    raise
             self.address = self._cluster.scheduler_address
             self._client = distributed.Client(self._cluster, set_as_default=False,
                                               direct_to_workers=True)
@@ -764,3 +806,6 @@ class DaskEngine(Engine):
                     client.close()
         if cluster is not None:
             cluster.close()
+        if self._counted:
+            self._counted = False
+            _OWN_CLUSTERS["open"] -= 1
