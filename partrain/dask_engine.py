@@ -358,6 +358,71 @@ def _quiet(logger_name: str):
         logger.setLevel(level)
 
 
+# A Dask comm opens with a handshake: 8 bytes giving the length of what follows, then a few
+# msgpack'd frames (about 100 bytes) naming "compression", "python" and "pickle-protocol".
+HANDSHAKE_MAX_BYTES = 1 << 16
+
+
+def check_scheduler_address(address: str) -> None:
+    """ValueError (one line) for a scheduler address the engine does not connect to by
+    itself: only tcp:// (or no scheme, which Dask reads as tcp://)."""
+    scheme = address.split("://", 1)[0] if "://" in address else "tcp"
+    if scheme != "tcp":
+        raise ValueError(
+            f"A Dask scheduler given by address must be tcp://HOST:PORT, got {address!r}: "
+            f"{scheme}:// needs security or transport settings; pass a distributed.Client "
+            "made with them instead (scheduler=Client(address, security=...)).")
+
+
+def probe_scheduler(address: str, timeout: float, check_interrupt) -> None:
+    """Check that a Dask comm answers at the tcp `address` before Dask itself connects.
+
+    Dask's own connect waits for the peer's handshake without a time limit (a port answered
+    by an HTTP server hung for good) and sizes a buffer from its first 8 bytes (an
+    "HTTP/1.1" reply asked for exabytes). Here the handshake is read with a deadline of
+    `timeout` seconds and a bounded length, `check_interrupt()` called every WAIT_SLICE_S;
+    ConnectionError, one line, when it does not come or is not a Dask handshake.
+    """
+    host, port = distributed.comm.get_address_host_port(address)
+    deadline = time.monotonic() + timeout
+
+    def waiting():
+        check_interrupt()
+        if time.monotonic() > deadline:
+            raise TimeoutError
+
+    def fail(what: str):
+        return ConnectionError(
+            f"Cannot reach the Dask scheduler at {address!r}: {what}. Start one with "
+            f"`dask scheduler` and its workers with `dask worker {address}`.")
+
+    while True:  # a scheduler just being started refuses connections for a moment
+        try:
+            sock = socket.create_connection((host, port), timeout=WAIT_SLICE_S)
+            break
+        except OSError as exc:
+            try:
+                waiting()
+            except TimeoutError:
+                raise fail(f"no connection within {timeout:g} s ({exc})") from None
+            time.sleep(WAIT_SLICE_S)
+    with sock:
+        try:
+            sock.settimeout(WAIT_SLICE_S)
+            head = bytes(receive(sock, 8, on_timeout=waiting))
+            (n_bytes,) = struct.unpack("<Q", head)
+            if not 0 < n_bytes <= HANDSHAKE_MAX_BYTES:
+                raise fail(f"what answers there is not a Dask scheduler (it sent {head!r})")
+            body = bytes(receive(sock, n_bytes, on_timeout=waiting))
+        except TimeoutError:
+            raise fail(f"something accepted the connection but sent no Dask handshake "
+                       f"within {timeout:g} s (is it a Dask scheduler's port?)") from None
+        except (OSError, EOFError) as exc:
+            raise fail(f"the connection failed during the handshake ({exc})") from None
+        if b"pickle-protocol" not in body:
+            raise fail("what answers there is not a Dask scheduler (no Dask handshake)")
+
+
 def _resolve(transport: str, address: str) -> str:
     """The transport "auto" stands for with a scheduler at `address`."""
     if transport != "auto":
@@ -493,25 +558,41 @@ class DaskEngine(Engine):
         self._wait_for_a_worker()
 
     def _connect(self, address: str, **options) -> distributed.Client:
+        """A client of the scheduler at `address`; ConnectionError (one line) when nothing
+        that speaks Dask answers there within `connect_timeout`."""
+        if "security" not in options:  # (a Client given by the caller brings its own)
+            check_scheduler_address(address)
+            probe_scheduler(address, self.connect_timeout, self.check_interrupt)
         try:
             return distributed.Client(address, timeout=self.connect_timeout,
                                       set_as_default=False, direct_to_workers=True, **options)
-        except (OSError, distributed.TimeoutError) as exc:
+        except (OSError, distributed.TimeoutError, MemoryError) as exc:
             raise ConnectionError(
                 f"Cannot reach the Dask scheduler at {address!r} within "
-                f"{self.connect_timeout:g} s ({exc}). Start one with `dask scheduler` and its "
-                f"workers with `dask worker {address}`."
+                f"{self.connect_timeout:g} s ({type(exc).__name__}: {exc}). Start one with "
+                f"`dask scheduler` and its workers with `dask worker {address}`."
             ) from None
 
     def _wait_for_a_worker(self) -> None:
-        try:
-            self._client.wait_for_workers(1, timeout=self.connect_timeout)
-        except distributed.TimeoutError:
-            self.close()
-            raise ConnectionError(
-                f"The Dask scheduler at {self.address!r} has no worker after "
-                f"{self.connect_timeout:g} s. Start some with `dask worker {self.address}`."
-            ) from None
+        """Wait up to `connect_timeout` for the cluster's first worker, checking for an
+        interrupt every WAIT_SLICE_S; ConnectionError (one line) if none comes."""
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            try:
+                self.check_interrupt()
+                self._client.wait_for_workers(1, timeout=WAIT_SLICE_S)
+                return
+            except distributed.TimeoutError:
+                if time.monotonic() < deadline:
+                    continue
+                self.close()
+                raise ConnectionError(
+                    f"The Dask scheduler at {self.address!r} has no worker after "
+                    f"{self.connect_timeout:g} s. Start some with `dask worker {self.address}`."
+                ) from None
+            except BaseException:
+                self.close()
+                raise
 
     # -- the servers
 
