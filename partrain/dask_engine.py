@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import importlib
 import itertools
 import logging
@@ -135,33 +137,46 @@ class ChunkServer:
             host = distributed.comm.get_address_host(distributed.get_worker().address)
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             self._listener = socket.create_server((host, 0), family=family)
-            self._listener.settimeout(spec.accept_timeout)
+            self._endpoint = self._listener.getsockname()[:2]
             self._secret = secrets.token_bytes(SECRET_BYTES)
-            threading.Thread(target=self._serve, name="partrain-chunk-server",
-                             daemon=True).start()
+            threading.Thread(target=self._serve, args=(spec.accept_timeout,),
+                             name="partrain-chunk-server", daemon=True).start()
 
     def endpoint(self) -> tuple[str, int, bytes]:
-        """(host, port, secret) of this server's socket; the engine sends the secret first."""
-        return (*self._listener.getsockname()[:2], self._secret)
+        """(host, port, secret) of this server's socket (see `authenticate_master`)."""
+        return (*self._endpoint, self._secret)
 
-    def _serve(self) -> None:
-        """The socket's thread: accept the engine's connection, then answer its requests
-        until it closes the connection (then drop the model and data)."""
+    def _serve(self, accept_timeout: float) -> None:
+        """The socket's thread: accept connections until one proves it is the engine (each
+        other one is closed after at most HANDSHAKE_S), then answer that one's requests
+        until it closes the connection (then drop the model and data). Nobody proven within
+        `accept_timeout`: end (the engine uses another transport or went away)."""
+        deadline = time.monotonic() + accept_timeout
         try:
-            connection, _ = self._listener.accept()
-        except OSError:  # nobody came (the engine uses another transport or went away)
-            return
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._listener.settimeout(remaining)
+                try:
+                    connection, _ = self._listener.accept()
+                except OSError:  # the timeout, or close() closed the listener
+                    return
+                if authenticate_engine(connection, self._secret):
+                    break
+                connection.close()
         finally:
             self._listener.close()
         with connection:
             connection.settimeout(None)
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
-                if bytes(receive(connection, SECRET_BYTES)) != self._secret:
-                    return
+                n_state = (self.model.n_params + self.model.buffers.size) \
+                    * self.model.dtype.itemsize
                 while True:
-                    kind, n_plan, n_state = HEADER.unpack(receive(connection, HEADER.size))
-                    if kind != STEP:
+                    kind, n_plan, n_state_sent = HEADER.unpack(receive(connection,
+                                                                       HEADER.size))
+                    if kind != STEP or n_state_sent != n_state or n_plan % 8:
                         return
                     plan = np.frombuffer(receive(connection, n_plan), np.int64)
                     state = np.frombuffer(receive(connection, n_state), self.model.dtype)
@@ -255,9 +270,14 @@ def unpack_plan(plan: np.ndarray) -> tuple:
 # The socket transport: a request is HEADER (STEP, plan bytes, state bytes), the plan (int64)
 # and the state (the model's dtype); a reply is HEADER (OK, values bytes, info bytes), the
 # values and the info (float64), or (FAILED, pickled (exception, traceback) bytes, info bytes).
+# Before any of it, both ends prove they know the server's secret (see authenticate_master).
 HEADER = struct.Struct("<QQQ")
 STEP, OK, FAILED = 1, 2, 3
 SECRET_BYTES = 16
+NONCE_BYTES = 16
+MAC_BYTES = 32  # HMAC-SHA256
+HELLO = b"partrain-chunks-1"  # the engine's first bytes: protocol name and version
+HANDSHAKE_S = 2.0  # a server closes a connection that has not proven itself by then
 
 
 def receive(sock: socket.socket, n_bytes: int, into: np.ndarray | None = None,
@@ -285,14 +305,87 @@ def send_message(sock: socket.socket, kind: int, first, second, on_timeout=None)
     """HEADER then the two buffers (NumPy arrays or bytes), without copying them. A socket
     timeout calls `on_timeout()` (which may raise), then sending goes on."""
     first, second = memoryview(first).cast("B"), memoryview(second).cast("B")
-    for view in (memoryview(HEADER.pack(kind, first.nbytes, second.nbytes)), first, second):
-        while view.nbytes:
-            try:
-                view = view[sock.send(view):]
-            except TimeoutError:
-                if on_timeout is None:
-                    raise
-                on_timeout()
+    for view in (HEADER.pack(kind, first.nbytes, second.nbytes), first, second):
+        send_all(sock, view, on_timeout)
+
+
+def send_all(sock: socket.socket, data, on_timeout=None) -> None:
+    """All of `data` (bytes or a byte memoryview); a socket timeout calls `on_timeout()`
+    (which may raise), then sending goes on."""
+    view = memoryview(data)
+    while view.nbytes:
+        try:
+            view = view[sock.send(view):]
+        except TimeoutError:
+            if on_timeout is None:
+                raise
+            on_timeout()
+
+
+def _mac(secret: bytes, role: bytes, *nonces: bytes) -> bytes:
+    """HMAC-SHA256 of `role` and the nonces under `secret`."""
+    return hmac.new(secret, b"".join((role, *nonces)), hashlib.sha256).digest()
+
+
+def _deadline_waiter(seconds: float, check_interrupt=None):
+    """An `on_timeout` for `receive`: calls `check_interrupt`, raises TimeoutError once
+    `seconds` have passed."""
+    deadline = time.monotonic() + seconds
+
+    def waiting():
+        if check_interrupt is not None:
+            check_interrupt()
+        if time.monotonic() > deadline:
+            raise TimeoutError("no answer in time")
+
+    return waiting
+
+
+def authenticate_master(sock: socket.socket, secret: bytes, timeout: float,
+                        check_interrupt=None) -> None:
+    """The engine's side of the mutual handshake on a new connection to a ChunkServer.
+
+    engine -> server: HELLO, nonce_e; server -> engine: nonce_s, HMAC(secret, "server" +
+    nonce_e + nonce_s); engine -> server: HMAC(secret, "engine" + nonce_s + nonce_e);
+    server -> engine: one byte OK. Each side sends its proof only for a fresh nonce of the
+    other, so neither a replayed reply nor a server that does not know the secret passes;
+    every message has a fixed size. ConnectionError if the server does not prove itself
+    within `timeout` seconds (`check_interrupt` is called every WAIT_SLICE_S meanwhile).
+    """
+    sock.settimeout(WAIT_SLICE_S)
+    waiting = _deadline_waiter(timeout, check_interrupt)
+    nonce_e = secrets.token_bytes(NONCE_BYTES)
+    try:
+        send_all(sock, HELLO + nonce_e, waiting)
+        answer = bytes(receive(sock, NONCE_BYTES + MAC_BYTES, on_timeout=waiting))
+        nonce_s, proof = answer[:NONCE_BYTES], answer[NONCE_BYTES:]
+        if not hmac.compare_digest(proof, _mac(secret, b"server", nonce_e, nonce_s)):
+            raise ConnectionError("the server did not prove it knows the secret")
+        send_all(sock, _mac(secret, b"engine", nonce_s, nonce_e), waiting)
+        if bytes(receive(sock, 1, on_timeout=waiting)) != bytes([OK]):
+            raise ConnectionError("the server refused the engine's proof")
+    except (TimeoutError, EOFError) as exc:
+        raise ConnectionError(f"the handshake with the server failed ({exc})") from None
+
+
+def authenticate_engine(sock: socket.socket, secret: bytes) -> bool:
+    """The ChunkServer's side of `authenticate_master`, within HANDSHAKE_S seconds: True if
+    the peer proved it knows `secret`. Reads fixed sizes only; unpickles nothing."""
+    sock.settimeout(WAIT_SLICE_S)
+    waiting = _deadline_waiter(HANDSHAKE_S)
+    try:
+        hello = bytes(receive(sock, len(HELLO) + NONCE_BYTES, on_timeout=waiting))
+        if not hmac.compare_digest(hello[:len(HELLO)], HELLO):
+            return False
+        nonce_e, nonce_s = hello[len(HELLO):], secrets.token_bytes(NONCE_BYTES)
+        send_all(sock, nonce_s + _mac(secret, b"server", nonce_e, nonce_s), waiting)
+        proof = bytes(receive(sock, MAC_BYTES, on_timeout=waiting))
+        if not hmac.compare_digest(proof, _mac(secret, b"engine", nonce_s, nonce_e)):
+            return False
+        send_all(sock, bytes([OK]), waiting)
+        return True
+    except (OSError, EOFError):  # (TimeoutError is an OSError)
+        return False
 
 
 def _portable(exc: Exception) -> tuple[Exception, str]:
@@ -704,12 +797,13 @@ class DaskEngine(Engine):
         self._servers.sort(key=lambda s: s.address)
 
     def _open_socket(self, actor) -> socket.socket:
-        """A connection to the socket of `actor` (a ChunkServer), its secret sent."""
+        """A connection to the socket of `actor` (a ChunkServer), both ends authenticated
+        (`authenticate_master`); ConnectionError for a server that does not prove itself."""
         host, port, secret = actor.endpoint().result(timeout=self.connect_timeout)
         sock = socket.create_connection((host, port), timeout=self.connect_timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.sendall(secret)
+            authenticate_master(sock, secret, self.connect_timeout, self.check_interrupt)
         except BaseException:
             sock.close()
             raise
