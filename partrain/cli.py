@@ -618,6 +618,10 @@ def _scheduler(args) -> str | None:
         if match is None or not 0 < int(match[1]) < 65536:
             raise UsageError(f"--scheduler must be a Dask scheduler address such as "
                              f"tcp://HOST:8786, got {args.scheduler!r}")
+        if "://" in args.scheduler and not args.scheduler.startswith("tcp://"):
+            raise UsageError(f"--scheduler takes tcp:// addresses only, got {args.scheduler!r} "
+                             "(TLS needs security settings: pass a distributed.Client to "
+                             "Trainer(scheduler=...) in Python)")
     return args.scheduler
 
 
@@ -656,7 +660,8 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--backend", choices=["loky", "dask"], default="loky",
                        help="dask: also times the local backend, to show Dask's overhead")
     bench.add_argument("--scheduler", default=None,
-                       help="dask scheduler address tcp://HOST:8786 (default: a local cluster)")
+                       help="dask scheduler address tcp://HOST:8786 (default: a local "
+                       "cluster); connecting gives up after 10 s")
     bench.add_argument("--json", default=None, help="write the full report here")
     bench.add_argument("--csv", default=None, help="write one row per configuration here")
     bench.add_argument("--plot", default=None, help="write the scaling plot (PNG) here")
@@ -857,7 +862,8 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--backend", choices=["loky", "dask"], default="loky",
                        help="how chunks reach workers (default loky)")
     train.add_argument("--scheduler", default=None,
-                       help="dask scheduler address tcp://HOST:8786 (default: a local cluster)")
+                       help="dask scheduler address tcp://HOST:8786 (default: a local "
+                       "cluster); connecting gives up after 10 s")
     train.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     train.set_defaults(func=cmd_train)
 

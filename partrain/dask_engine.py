@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import importlib
 import itertools
 import logging
+import multiprocessing.spawn
 import os
 import pickle
 import secrets
@@ -134,33 +137,46 @@ class ChunkServer:
             host = distributed.comm.get_address_host(distributed.get_worker().address)
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             self._listener = socket.create_server((host, 0), family=family)
-            self._listener.settimeout(spec.accept_timeout)
+            self._endpoint = self._listener.getsockname()[:2]
             self._secret = secrets.token_bytes(SECRET_BYTES)
-            threading.Thread(target=self._serve, name="partrain-chunk-server",
-                             daemon=True).start()
+            threading.Thread(target=self._serve, args=(spec.accept_timeout,),
+                             name="partrain-chunk-server", daemon=True).start()
 
     def endpoint(self) -> tuple[str, int, bytes]:
-        """(host, port, secret) of this server's socket; the engine sends the secret first."""
-        return (*self._listener.getsockname()[:2], self._secret)
+        """(host, port, secret) of this server's socket (see `authenticate_master`)."""
+        return (*self._endpoint, self._secret)
 
-    def _serve(self) -> None:
-        """The socket's thread: accept the engine's connection, then answer its requests
-        until it closes the connection (then drop the model and data)."""
+    def _serve(self, accept_timeout: float) -> None:
+        """The socket's thread: accept connections until one proves it is the engine (each
+        other one is closed after at most HANDSHAKE_S), then answer that one's requests
+        until it closes the connection (then drop the model and data). Nobody proven within
+        `accept_timeout`: end (the engine uses another transport or went away)."""
+        deadline = time.monotonic() + accept_timeout
         try:
-            connection, _ = self._listener.accept()
-        except OSError:  # nobody came (the engine uses another transport or went away)
-            return
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._listener.settimeout(remaining)
+                try:
+                    connection, _ = self._listener.accept()
+                except OSError:  # the timeout, or close() closed the listener
+                    return
+                if authenticate_engine(connection, self._secret):
+                    break
+                connection.close()
         finally:
             self._listener.close()
         with connection:
             connection.settimeout(None)
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
-                if bytes(receive(connection, SECRET_BYTES)) != self._secret:
-                    return
+                n_state = (self.model.n_params + self.model.buffers.size) \
+                    * self.model.dtype.itemsize
                 while True:
-                    kind, n_plan, n_state = HEADER.unpack(receive(connection, HEADER.size))
-                    if kind != STEP:
+                    kind, n_plan, n_state_sent = HEADER.unpack(receive(connection,
+                                                                       HEADER.size))
+                    if kind != STEP or n_state_sent != n_state or n_plan % 8:
                         return
                     plan = np.frombuffer(receive(connection, n_plan), np.int64)
                     state = np.frombuffer(receive(connection, n_state), self.model.dtype)
@@ -254,9 +270,14 @@ def unpack_plan(plan: np.ndarray) -> tuple:
 # The socket transport: a request is HEADER (STEP, plan bytes, state bytes), the plan (int64)
 # and the state (the model's dtype); a reply is HEADER (OK, values bytes, info bytes), the
 # values and the info (float64), or (FAILED, pickled (exception, traceback) bytes, info bytes).
+# Before any of it, both ends prove they know the server's secret (see authenticate_master).
 HEADER = struct.Struct("<QQQ")
 STEP, OK, FAILED = 1, 2, 3
 SECRET_BYTES = 16
+NONCE_BYTES = 16
+MAC_BYTES = 32  # HMAC-SHA256
+HELLO = b"partrain-chunks-1"  # the engine's first bytes: protocol name and version
+HANDSHAKE_S = 2.0  # a server closes a connection that has not proven itself by then
 
 
 def receive(sock: socket.socket, n_bytes: int, into: np.ndarray | None = None,
@@ -284,14 +305,87 @@ def send_message(sock: socket.socket, kind: int, first, second, on_timeout=None)
     """HEADER then the two buffers (NumPy arrays or bytes), without copying them. A socket
     timeout calls `on_timeout()` (which may raise), then sending goes on."""
     first, second = memoryview(first).cast("B"), memoryview(second).cast("B")
-    for view in (memoryview(HEADER.pack(kind, first.nbytes, second.nbytes)), first, second):
-        while view.nbytes:
-            try:
-                view = view[sock.send(view):]
-            except TimeoutError:
-                if on_timeout is None:
-                    raise
-                on_timeout()
+    for view in (HEADER.pack(kind, first.nbytes, second.nbytes), first, second):
+        send_all(sock, view, on_timeout)
+
+
+def send_all(sock: socket.socket, data, on_timeout=None) -> None:
+    """All of `data` (bytes or a byte memoryview); a socket timeout calls `on_timeout()`
+    (which may raise), then sending goes on."""
+    view = memoryview(data)
+    while view.nbytes:
+        try:
+            view = view[sock.send(view):]
+        except TimeoutError:
+            if on_timeout is None:
+                raise
+            on_timeout()
+
+
+def _mac(secret: bytes, role: bytes, *nonces: bytes) -> bytes:
+    """HMAC-SHA256 of `role` and the nonces under `secret`."""
+    return hmac.new(secret, b"".join((role, *nonces)), hashlib.sha256).digest()
+
+
+def _deadline_waiter(seconds: float, check_interrupt=None):
+    """An `on_timeout` for `receive`: calls `check_interrupt`, raises TimeoutError once
+    `seconds` have passed."""
+    deadline = time.monotonic() + seconds
+
+    def waiting():
+        if check_interrupt is not None:
+            check_interrupt()
+        if time.monotonic() > deadline:
+            raise TimeoutError("no answer in time")
+
+    return waiting
+
+
+def authenticate_master(sock: socket.socket, secret: bytes, timeout: float,
+                        check_interrupt=None) -> None:
+    """The engine's side of the mutual handshake on a new connection to a ChunkServer.
+
+    engine -> server: HELLO, nonce_e; server -> engine: nonce_s, HMAC(secret, "server" +
+    nonce_e + nonce_s); engine -> server: HMAC(secret, "engine" + nonce_s + nonce_e);
+    server -> engine: one byte OK. Each side sends its proof only for a fresh nonce of the
+    other, so neither a replayed reply nor a server that does not know the secret passes;
+    every message has a fixed size. ConnectionError if the server does not prove itself
+    within `timeout` seconds (`check_interrupt` is called every WAIT_SLICE_S meanwhile).
+    """
+    sock.settimeout(WAIT_SLICE_S)
+    waiting = _deadline_waiter(timeout, check_interrupt)
+    nonce_e = secrets.token_bytes(NONCE_BYTES)
+    try:
+        send_all(sock, HELLO + nonce_e, waiting)
+        answer = bytes(receive(sock, NONCE_BYTES + MAC_BYTES, on_timeout=waiting))
+        nonce_s, proof = answer[:NONCE_BYTES], answer[NONCE_BYTES:]
+        if not hmac.compare_digest(proof, _mac(secret, b"server", nonce_e, nonce_s)):
+            raise ConnectionError("the server did not prove it knows the secret")
+        send_all(sock, _mac(secret, b"engine", nonce_s, nonce_e), waiting)
+        if bytes(receive(sock, 1, on_timeout=waiting)) != bytes([OK]):
+            raise ConnectionError("the server refused the engine's proof")
+    except (TimeoutError, EOFError) as exc:
+        raise ConnectionError(f"the handshake with the server failed ({exc})") from None
+
+
+def authenticate_engine(sock: socket.socket, secret: bytes) -> bool:
+    """The ChunkServer's side of `authenticate_master`, within HANDSHAKE_S seconds: True if
+    the peer proved it knows `secret`. Reads fixed sizes only; unpickles nothing."""
+    sock.settimeout(WAIT_SLICE_S)
+    waiting = _deadline_waiter(HANDSHAKE_S)
+    try:
+        hello = bytes(receive(sock, len(HELLO) + NONCE_BYTES, on_timeout=waiting))
+        if not hmac.compare_digest(hello[:len(HELLO)], HELLO):
+            return False
+        nonce_e, nonce_s = hello[len(HELLO):], secrets.token_bytes(NONCE_BYTES)
+        send_all(sock, nonce_s + _mac(secret, b"server", nonce_e, nonce_s), waiting)
+        proof = bytes(receive(sock, MAC_BYTES, on_timeout=waiting))
+        if not hmac.compare_digest(proof, _mac(secret, b"engine", nonce_s, nonce_e)):
+            return False
+        send_all(sock, bytes([OK]), waiting)
+        return True
+    except (OSError, EOFError):  # (TimeoutError is an OSError)
+        return False
 
 
 def _portable(exc: Exception) -> tuple[Exception, str]:
@@ -311,6 +405,39 @@ def _host_and_pid() -> tuple[str, int]:
 
 # ----------------------------------------------------------------------------- master side
 
+# The worker processes of a LocalCluster are started by its nannies with multiprocessing's
+# "spawn", which runs the parent's main script again in each child (as `__mp_main__`) before
+# anything else. A script that creates its Trainer at top level, without
+# `if __name__ == "__main__":`, would so start a cluster inside every worker's start-up, and
+# the workers fail ("Nanny failed to start"). Our workers need nothing from the user's script
+# (custom layers come from importable modules, see `worker_imports`), so, as loky does for its
+# workers, the processes a nanny starts while a cluster of ours is open are spawned without
+# the main module: `multiprocessing.spawn.get_preparation_data` is wrapped (once) to leave out
+# its "init_main_from_path/name" entries for them. Other processes are untouched.
+NANNY_PROCESS_NAME = "Dask Worker process (from Nanny)"  # distributed.nanny names them so
+_OWN_CLUSTERS = {"open": 0}  # LocalClusters started by a DaskEngine and not closed yet
+
+
+def _preparation_without_main(get_preparation_data):
+    """`get_preparation_data` minus the main module for our clusters' worker processes."""
+    def wrapped(name):
+        data = get_preparation_data(name)
+        if _OWN_CLUSTERS["open"] and name == NANNY_PROCESS_NAME:
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+        return data
+
+    wrapped.partrain_wrapped = True
+    return wrapped
+
+
+def _spawn_workers_without_main() -> None:
+    """Install the wrapper above (idempotent)."""
+    spawn = multiprocessing.spawn
+    if not getattr(spawn.get_preparation_data, "partrain_wrapped", False):
+        spawn.get_preparation_data = _preparation_without_main(spawn.get_preparation_data)
+
+
 
 @contextlib.contextmanager
 def _quiet(logger_name: str):
@@ -322,6 +449,71 @@ def _quiet(logger_name: str):
         yield
     finally:
         logger.setLevel(level)
+
+
+# A Dask comm opens with a handshake: 8 bytes giving the length of what follows, then a few
+# msgpack'd frames (about 100 bytes) naming "compression", "python" and "pickle-protocol".
+HANDSHAKE_MAX_BYTES = 1 << 16
+
+
+def check_scheduler_address(address: str) -> None:
+    """ValueError (one line) for a scheduler address the engine does not connect to by
+    itself: only tcp:// (or no scheme, which Dask reads as tcp://)."""
+    scheme = address.split("://", 1)[0] if "://" in address else "tcp"
+    if scheme != "tcp":
+        raise ValueError(
+            f"A Dask scheduler given by address must be tcp://HOST:PORT, got {address!r}: "
+            f"{scheme}:// needs security or transport settings; pass a distributed.Client "
+            "made with them instead (scheduler=Client(address, security=...)).")
+
+
+def probe_scheduler(address: str, timeout: float, check_interrupt) -> None:
+    """Check that a Dask comm answers at the tcp `address` before Dask itself connects.
+
+    Dask's own connect waits for the peer's handshake without a time limit (a port answered
+    by an HTTP server hung for good) and sizes a buffer from its first 8 bytes (an
+    "HTTP/1.1" reply asked for exabytes). Here the handshake is read with a deadline of
+    `timeout` seconds and a bounded length, `check_interrupt()` called every WAIT_SLICE_S;
+    ConnectionError, one line, when it does not come or is not a Dask handshake.
+    """
+    host, port = distributed.comm.get_address_host_port(address)
+    deadline = time.monotonic() + timeout
+
+    def waiting():
+        check_interrupt()
+        if time.monotonic() > deadline:
+            raise TimeoutError
+
+    def fail(what: str):
+        return ConnectionError(
+            f"Cannot reach the Dask scheduler at {address!r}: {what}. Start one with "
+            f"`dask scheduler` and its workers with `dask worker {address}`.")
+
+    while True:  # a scheduler just being started refuses connections for a moment
+        try:
+            sock = socket.create_connection((host, port), timeout=WAIT_SLICE_S)
+            break
+        except OSError as exc:
+            try:
+                waiting()
+            except TimeoutError:
+                raise fail(f"no connection within {timeout:g} s ({exc})") from None
+            time.sleep(WAIT_SLICE_S)
+    with sock:
+        try:
+            sock.settimeout(WAIT_SLICE_S)
+            head = bytes(receive(sock, 8, on_timeout=waiting))
+            (n_bytes,) = struct.unpack("<Q", head)
+            if not 0 < n_bytes <= HANDSHAKE_MAX_BYTES:
+                raise fail(f"what answers there is not a Dask scheduler (it sent {head!r})")
+            body = bytes(receive(sock, n_bytes, on_timeout=waiting))
+        except TimeoutError:
+            raise fail(f"something accepted the connection but sent no Dask handshake "
+                       f"within {timeout:g} s (is it a Dask scheduler's port?)") from None
+        except (OSError, EOFError) as exc:
+            raise fail(f"the connection failed during the handshake ({exc})") from None
+        if b"pickle-protocol" not in body:
+            raise fail("what answers there is not a Dask scheduler (no Dask handshake)")
 
 
 def _resolve(transport: str, address: str) -> str:
@@ -420,13 +612,21 @@ class DaskEngine(Engine):
         self._chunk_results = np.empty((n_slots, 2), np.float64)  # loss sum, n correct
         self._cluster = self._client = None
         self._owns_client = True
+        self._counted = False  # counted in _OWN_CLUSTERS until close()
         if scheduler is None:
+            _spawn_workers_without_main()
+            _OWN_CLUSTERS["open"] += 1  # (undone by close(), also when the start fails)
+            self._counted = True
             with dask.config.set(LOCAL_CLUSTER_CONFIG):
-                self._cluster = distributed.LocalCluster(
-                    n_workers=n_jobs, threads_per_worker=1, processes=True,
-                    dashboard_address=None,
-                    # no dashboard; its HTTP endpoints on a free port, not on a busy 8787
-                    scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+                try:
+                    self._cluster = distributed.LocalCluster(
+                        n_workers=n_jobs, threads_per_worker=1, processes=True,
+                        dashboard_address=None,
+                        # no dashboard; its HTTP endpoints on a free port, not on a busy 8787
+                        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+                except BaseException:
+                    self.close()
+                    raise
             self.address = self._cluster.scheduler_address
             self._client = distributed.Client(self._cluster, set_as_default=False,
                                               direct_to_workers=True)
@@ -451,25 +651,41 @@ class DaskEngine(Engine):
         self._wait_for_a_worker()
 
     def _connect(self, address: str, **options) -> distributed.Client:
+        """A client of the scheduler at `address`; ConnectionError (one line) when nothing
+        that speaks Dask answers there within `connect_timeout`."""
+        if "security" not in options:  # (a Client given by the caller brings its own)
+            check_scheduler_address(address)
+            probe_scheduler(address, self.connect_timeout, self.check_interrupt)
         try:
             return distributed.Client(address, timeout=self.connect_timeout,
                                       set_as_default=False, direct_to_workers=True, **options)
-        except (OSError, distributed.TimeoutError) as exc:
+        except (OSError, distributed.TimeoutError, MemoryError) as exc:
             raise ConnectionError(
                 f"Cannot reach the Dask scheduler at {address!r} within "
-                f"{self.connect_timeout:g} s ({exc}). Start one with `dask scheduler` and its "
-                f"workers with `dask worker {address}`."
+                f"{self.connect_timeout:g} s ({type(exc).__name__}: {exc}). Start one with "
+                f"`dask scheduler` and its workers with `dask worker {address}`."
             ) from None
 
     def _wait_for_a_worker(self) -> None:
-        try:
-            self._client.wait_for_workers(1, timeout=self.connect_timeout)
-        except distributed.TimeoutError:
-            self.close()
-            raise ConnectionError(
-                f"The Dask scheduler at {self.address!r} has no worker after "
-                f"{self.connect_timeout:g} s. Start some with `dask worker {self.address}`."
-            ) from None
+        """Wait up to `connect_timeout` for the cluster's first worker, checking for an
+        interrupt every WAIT_SLICE_S; ConnectionError (one line) if none comes."""
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            try:
+                self.check_interrupt()
+                self._client.wait_for_workers(1, timeout=WAIT_SLICE_S)
+                return
+            except distributed.TimeoutError:
+                if time.monotonic() < deadline:
+                    continue
+                self.close()
+                raise ConnectionError(
+                    f"The Dask scheduler at {self.address!r} has no worker after "
+                    f"{self.connect_timeout:g} s. Start some with `dask worker {self.address}`."
+                ) from None
+            except BaseException:
+                self.close()
+                raise
 
     # -- the servers
 
@@ -581,12 +797,13 @@ class DaskEngine(Engine):
         self._servers.sort(key=lambda s: s.address)
 
     def _open_socket(self, actor) -> socket.socket:
-        """A connection to the socket of `actor` (a ChunkServer), its secret sent."""
+        """A connection to the socket of `actor` (a ChunkServer), both ends authenticated
+        (`authenticate_master`); ConnectionError for a server that does not prove itself."""
         host, port, secret = actor.endpoint().result(timeout=self.connect_timeout)
         sock = socket.create_connection((host, port), timeout=self.connect_timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.sendall(secret)
+            authenticate_master(sock, secret, self.connect_timeout, self.check_interrupt)
         except BaseException:
             sock.close()
             raise
@@ -764,3 +981,6 @@ class DaskEngine(Engine):
                     client.close()
         if cluster is not None:
             cluster.close()
+        if self._counted:
+            self._counted = False
+            _OWN_CLUSTERS["open"] -= 1
