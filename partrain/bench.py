@@ -27,6 +27,7 @@ between rows (speedup, engine efficiency, partrain / torch) stay meaningful.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import multiprocessing
 import os
@@ -50,6 +51,7 @@ from .chunks import (
     keep_freed_memory,
     step_groups,
 )
+from .io import write_text
 from .loky_engine import children_blas_threads
 from .optim import Adam
 from .parallel import ParallelismWarning, plan_processes, resolve_n_jobs
@@ -602,7 +604,8 @@ def _torch_ratio_lines(report: dict) -> list[str]:
 
 
 def write_json(report: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(report, indent=1))
+    """The full report as JSON, written atomically (its folder created)."""
+    write_text(path, json.dumps(report, indent=1))
 
 
 def write_csv(report: dict, path: str | Path) -> None:
@@ -616,10 +619,11 @@ def write_csv(report: dict, path: str | Path) -> None:
         for b in report["machine"]["blas"])
     machine["machine_forced_kernels"] = " ".join(
         f"{k}={v}" for k, v in report["machine"]["forced_kernels"].items())
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*rows[0], *machine])
-        writer.writeheader()
-        for r in rows:
-            flat = {k: ";".join(f"{x:.6g}" for x in v) if isinstance(v, list) else v
-                    for k, v in r.items()}
-            writer.writerow({**flat, **machine})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=[*rows[0], *machine])
+    writer.writeheader()
+    for r in rows:
+        flat = {k: ";".join(f"{x:.6g}" for x in v) if isinstance(v, list) else v
+                for k, v in r.items()}
+        writer.writerow({**flat, **machine})
+    write_text(path, text.getvalue())

@@ -318,12 +318,7 @@ class _Outputs:
         if args.plot is not None:
             checks += [("--plot", args.plot, True, None),
                        ("--plot", str(self.plot_dir / "history.png"), False, None)]
-        for option, given, folder, example in checks:  # (paths shown as the user typed them)
-            problem = None if given is None else output_problem(given, folder=folder)
-            if problem:
-                hint = f"; e.g. {option} {Path(given) / example}" \
-                    if example and Path(given).is_dir() else ""
-                raise UsageError(f"{option} {given}: {problem}{hint}")
+        check_outputs(checks)
         files = [("--save", self.save), ("--checkpoint", self.checkpoint),
                  ("--history", self.history), ("--resume", args.resume),
                  ("--save-best", args.save_best)]
@@ -345,13 +340,8 @@ class _Outputs:
                                                       lambda path: write_text(path, text))
 
     def _write(self, what: str, path: Path, write) -> Path | None:
-        where, reason = _write_somewhere(write, path)
-        if where is None:
-            self.problems.append(f"could not write the {what} to {path} ({reason}) nor to "
-                                 "any other place")
-        elif where != path:
-            self.problems.append(f"could not write the {what} to {path} ({reason}); wrote "
-                                 f"it to {where} instead")
+        where, problem = write_or_rescue(what, path, write)
+        self.problems += [problem] if problem else []
         return where
 
     def plot(self, trainer) -> None:
@@ -429,6 +419,30 @@ def _position(trainer, epochs: int) -> str:
     if trainer.step_in_epoch:
         return f"epoch {trainer.epoch + 1} of {epochs}, after step {trainer.step_in_epoch}"
     return f"the start of epoch {trainer.epoch + 1} of {epochs}"
+
+
+def check_outputs(checks) -> None:
+    """Refuse, before any work, an output path that cannot be written (a missing folder only
+    has to be creatable). `checks`: (option, path as the user typed it or None, whether it
+    names a folder, a file name to suggest when a folder was given for a file, or None)."""
+    for option, given, folder, example in checks:
+        problem = None if given is None else output_problem(given, folder=folder)
+        if problem:
+            hint = f"; e.g. {option} {Path(given) / example}" \
+                if example and Path(given).is_dir() else ""
+            raise UsageError(f"{option} {given}: {problem}{hint}")
+
+
+def write_or_rescue(what: str, path: Path, write) -> tuple[Path | None, str | None]:
+    """`write(path)`, or the rescue of `_write_somewhere`: (where `what` went or None, the
+    problem to report or None when it went to `path`)."""
+    where, reason = _write_somewhere(write, path)
+    if where is None:
+        return None, f"could not write the {what} to {path} ({reason}) nor to any other place"
+    if where != path:
+        return where, f"could not write the {what} to {path} ({reason}); wrote it to {where} " \
+            "instead"
+    return where, None
 
 
 def _write_somewhere(write, path: Path) -> tuple[Path | None, str | None]:
@@ -670,6 +684,10 @@ def cmd_bench(args) -> int:
         from .plots import require_matplotlib
 
         require_matplotlib()
+    outputs = [("--json", args.json, write_json, "bench.json"),
+               ("--csv", args.csv, write_csv, "bench.csv"),
+               ("--plot", args.plot, plot_scaling, "scaling.png")]
+    check_outputs([(option, path, False, example) for option, path, _, example in outputs])
     report = run_bench([m.replace("_", "-") for m in args.model], args.batch_size, args.n_jobs,
                        args.dtype, args.repeats, args.duration, args.warmup,
                        compare_torch=args.compare == "torch", chunk_size=args.chunk_size,
@@ -678,12 +696,17 @@ def cmd_bench(args) -> int:
                        chunk_plans=tuple(args.chunk_plan),
                        scaling=("strong", "weak") if args.scaling == "both" else (args.scaling,))
     print(format_table(report))
-    for option, writer in ((args.json, write_json), (args.csv, write_csv),
-                           (args.plot, plot_scaling)):
-        if option:
-            writer(report, option)
-            print(f"wrote {option}")
-    return 0
+    status = 0
+    for option, path, writer, _ in outputs:
+        if path is not None:
+            where, problem = write_or_rescue(f"{option} output", Path(path),
+                                             lambda to, writer=writer: writer(report, to))
+            if problem:
+                print(f"partrain bench: failed: {problem}", file=sys.stderr)
+                status = EXIT_FAILURE
+            if where is not None:
+                print(f"wrote {where}")
+    return status
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -700,6 +723,9 @@ def cmd_evaluate(args) -> int:
         from .plots import require_matplotlib
 
         require_matplotlib()
+        check_outputs([("--plot", args.plot, True, None)] + [
+            ("--plot", str(Path(args.plot) / name), False, None)
+            for name in ("recall.png", "confusion.png")])
     # a checkpoint holds a model too (with its optimizer state, ignored here)
     meta, arrays = read_npz(args.model_file, ("model", "checkpoint"))
     model = model_from_arrays(meta, arrays, args.model_file)
@@ -736,8 +762,18 @@ def cmd_evaluate(args) -> int:
         out = Path(args.plot)
         title = (f"{model.metadata.get('model') or Path(args.model_file).name} on {data.name}, "
                  f"{args.split} split: accuracy {acc:.4f}")
-        print(f"\nplots: {plot_recall(recall, names, out / 'recall.png', title)}, "
-              f"{plot_confusion(cm, names, out / 'confusion.png', title)}")
+        written, status = [], 0
+        for plot, values, name in ((plot_recall, recall, "recall.png"),
+                                   (plot_confusion, cm, "confusion.png")):
+            where, problem = write_or_rescue(
+                f"plot {name}", out / name,
+                lambda to, plot=plot, values=values: plot(values, names, to, title))
+            written += [str(where)] if where else []
+            if problem:
+                print(f"partrain evaluate: failed: {problem}", file=sys.stderr)
+                status = EXIT_FAILURE
+        print(f"\nplots: {', '.join(written) or 'none written'}")
+        return status
     return 0
 
 
