@@ -822,7 +822,13 @@ def cmd_gradcheck(args) -> int:
     width = max(len(name) for name in result.per_param) if result.per_param else 0
     for name, ratio in result.per_param.items():
         checked, size = result.checked[name]
-        print(f"  {name:<{width}}  {ratio:.3e}  ({checked:,} of {size:,})")
+        kinks = f"; {result.kinks[name]:,} at a kink" if result.kinks[name] else ""
+        shown = "-" if checked == 0 else f"{ratio:.3e}"
+        print(f"  {name:<{width}}  {shown:>9}  ({checked:,} of {size:,}{kinks})")
+    if result.n_kinks:
+        examples = ", ".join(map(str, result.kink_examples))
+        print(f"{result.n_kinks:,} entries left out: their +-eps steps moved a ReLU or max-pool "
+              f"of example(s) {examples} across its kink, where the loss has no derivative")
     verdict = "PASS" if result.passed(args.tol) else "FAIL"
     print(f"{verdict}: relative difference {result.rel_diff:.3e} over {result.n_checked:,} "
           f"of {model.n_params:,} parameters in {len(result.per_param)} arrays (tolerance "
