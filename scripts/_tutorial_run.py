@@ -30,11 +30,13 @@ def add_mnist_data_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_run_options(parser: argparse.ArgumentParser, defaults: dict, seed_help: str) -> None:
-    """--epochs, --n-jobs, --seed, --save and --quiet."""
+    """--epochs, --n-jobs, --chunk-size, --seed, --save and --quiet."""
     parser.add_argument("--epochs", type=int, default=defaults["epochs"],
                         help=f"epochs (default {defaults['epochs']})")
     parser.add_argument("--n-jobs", type=int, default=1,
                         help="worker processes, -1 = all cores (default 1)")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="examples per worker task (default: from model and batch size)")
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
     parser.add_argument("--save", metavar="MODEL.npz", help="save the trained model here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
@@ -52,7 +54,8 @@ def fit_timed(model: Sequential, x_train: np.ndarray, y_train: np.ndarray,
     """Train with Adam at the set-up's lr and batch size; return the trainer and wall seconds."""
     t0 = time.perf_counter()
     with Trainer(model, optim.Adam(defaults["lr"]), n_jobs=args.n_jobs,
-                 batch_size=defaults["batch_size"], seed=args.seed, lr_schedule=lr_schedule,
+                 batch_size=defaults["batch_size"], chunk_size=args.chunk_size, seed=args.seed,
+                 lr_schedule=lr_schedule,
                  progress=not args.quiet) as trainer:
         trainer.fit(x_train, y_train, epochs=args.epochs, validation_data=validation_data,
                     callbacks=[EpochSummary(args.epochs, args.quiet)])
