@@ -248,7 +248,7 @@ def _fit_and_finish(args, trainer, data, epochs: int, model_name: str, outputs: 
                 n_train = validation_split_point(len(data.x_train), args.validation_split)
                 print(f"Training {model_name} on {data.name} ({n_train:,} train, "
                       f"{len(data.x_train) - n_train:,} validation, {len(data.x_test):,} test) "
-                      f"with n_jobs={trainer.n_jobs}, batch {trainer.batch_size}, chunk "
+                      f"on {describe_backend(trainer)}, batch {trainer.batch_size}, chunk "
                       f"{trainer.chunk_size}; epochs {trainer.epoch + 1}..{epochs}",
                       file=sys.stderr)
             for note in trainer.plan.notes("--chunk-size {}", "--batch-size {}"):
@@ -302,7 +302,7 @@ class _Outputs:
     """
 
     def __init__(self, args, model_name: str, signals: _Signals):
-        self.save = Path(_given(args.save, f"{model_name}.npz"))
+        self.save = Path(_given(args.save, default_save_name(model_name, args.dataset)))
         self.history = None if args.history is None else Path(args.history)
         self.plot_dir = None if args.plot is None else Path(args.plot)
         self.checkpoint = None if args.checkpoint is None else Path(args.checkpoint)
@@ -311,7 +311,7 @@ class _Outputs:
         self.problems: list[str] = []
         self.evaluated = False
         self.title = f"{model_name} on {_dataset_name(args.dataset) if args.dataset else '?'}"
-        checks = [("--save", _given(args.save, str(self.save)), False, f"{model_name}.npz"),
+        checks = [("--save", _given(args.save, str(self.save)), False, self.save.name),
                   ("--checkpoint", args.checkpoint, False, "checkpoint.npz"),
                   ("--history", args.history, False, "history.json"),
                   ("--save-best", args.save_best, False, "best.npz")]
@@ -412,6 +412,28 @@ class _Outputs:
             self.problems.append(problem)
         else:
             print(f"partrain train: failed: {problem}", file=sys.stderr)
+
+
+def default_save_name(model_name: str, dataset: str) -> str:
+    """Where `train` saves the model without --save: a name that says what it holds, in the
+    current folder, e.g. digits-cnn-digits.npz (npz:PATH datasets by their file's stem)."""
+    name = Path(dataset[4:]).stem if dataset.startswith("npz:") else dataset
+    return f"{model_name}-{name}.npz"
+
+
+def describe_backend(trainer) -> str:
+    """What computes the steps, for the train header: the serial engine, loky's processes,
+    or a Dask cluster (given by address: its workers now, which starts the engine)."""
+    processes, n_jobs = trainer.plan.processes, trainer.n_jobs
+    if trainer.backend == "dask":
+        if trainer.backend_options.get("scheduler") is None:
+            return f"the dask backend (a local cluster of {processes} worker processes)"
+        engine = trainer.engine
+        return f"the dask backend (scheduler {engine.address}, {engine.n_workers} workers)"
+    asked = "" if processes == n_jobs else f", of n_jobs={n_jobs}"
+    if processes == 1:
+        return f"the serial backend (1 process{asked})"
+    return f"the loky backend ({processes} processes{asked})"
 
 
 def _position(trainer, epochs: int) -> str:
@@ -853,28 +875,42 @@ def make_parser() -> argparse.ArgumentParser:
                        help="network (default digits-cnn)")
     train.add_argument("--dataset", default=None,
                        help=f"{datasets} (default: the model's own, e.g. digits)")
+    def per_model(key: str) -> str:
+        return ", ".join(f"{name} {MODEL_DEFAULTS[name].get(key, 0):g}" for name in models)
+
     train.add_argument("--epochs", type=int, default=None,
-                       help="total epochs, also when resuming (default per model)")
-    train.add_argument("--batch-size", type=int, default=None, help="examples per update")
+                       help=f"total epochs, also when resuming (default per model: "
+                       f"{per_model('epochs')})")
+    train.add_argument("--batch-size", type=int, default=None,
+                       help=f"examples per update (default per model: "
+                       f"{per_model('batch_size')})")
     train.add_argument("--chunk-size", type=int, default=None,
                        help="examples per worker task (default: from model and batch size)")
-    train.add_argument("--lr", type=float, default=None, help="learning rate")
+    train.add_argument("--lr", type=float, default=None,
+                       help=f"learning rate (default per model: {per_model('lr')})")
     train.add_argument("--optimizer", choices=["adam", "sgd"], default=None,
-                       help="default adam")
-    train.add_argument("--momentum", type=float, default=None, help="SGD momentum")
+                       help="optimizer (default adam)")
+    train.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0)")
     train.add_argument("--lr-decay", type=float, default=None,
-                       help="inverse-time decay d: lr / (1 + d * epoch)")
-    train.add_argument("--dropout", type=float, default=None, help="MLP dropout rate")
+                       help="inverse-time decay d: lr / (1 + d * epoch) (default per "
+                       f"model: {per_model('lr_decay')})")
+    train.add_argument("--dropout", type=float, default=None,
+                       help="MLP dropout rate (default 0)")
     train.add_argument("--batchnorm", action="store_const", const=True, default=None,
-                       help="MLP batch normalisation")
-    train.add_argument("--n-jobs", type=int, default=1, help="worker processes, -1 = all cores")
-    train.add_argument("--seed", type=int, default=None, help="seed of init, shuffling, dropout")
+                       help="MLP batch normalisation (default off)")
+    train.add_argument("--n-jobs", type=int, default=1,
+                       help="processes computing each step, -1 = all cores (default 1: no "
+                       "worker process; with --backend dask and no --scheduler, the local "
+                       "cluster's workers)")
+    train.add_argument("--seed", type=int, default=None,
+                       help="seed of init, shuffling, dropout (default 0)")
     train.add_argument("--checkpoint", default=None,
                        help="write checkpoints to this .npz (claimed by this run: another run "
-                       "naming it is refused while this one lives)")
+                       "naming it is refused while this one lives; default: none)")
     train.add_argument("--resume", default=None,
                        help="go on with the run in this checkpoint; options that define the "
-                       "run may be repeated only with the checkpoint's values")
+                       "run may be repeated only with the checkpoint's values (default: a "
+                       "new run)")
     train.add_argument("--validation-split", type=float, default=None, metavar="F",
                        help="hold out the last fraction F of the training set (before "
                        "shuffling) for the per-epoch val_loss/val_acc; 0 = none. The test set "
@@ -882,19 +918,24 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
                        help="stop once val_loss has not improved for PATIENCE epochs in a row "
                        "(Keras's EarlyStopping); the model saved is the last epoch's, keep "
-                       "the best with --save-best")
+                       "the best with --save-best (default: off)")
     train.add_argument("--save-best", default=None, metavar="PATH",
                        help="keep the model of the epoch with the lowest val_loss in this "
-                       "file (Keras's ModelCheckpoint)")
-    train.add_argument("--save", default=None, help="model file (default MODEL.npz)")
-    train.add_argument("--history", default=None, help="write the history as JSON here")
-    train.add_argument("--plot", default=None, help="write history.png into this folder")
+                       "file (Keras's ModelCheckpoint; default: off)")
+    train.add_argument("--save", default=None, metavar="MODEL.npz",
+                       help="model file (default MODEL-DATASET.npz in the current folder, e.g. "
+                       "digits-cnn-digits.npz)")
+    train.add_argument("--history", default=None,
+                       help="write the history as JSON here (default: not written)")
+    train.add_argument("--plot", default=None,
+                       help="write history.png into this folder (default: no plot)")
     _add_data_options(train, normalize_default=None)
     train.add_argument("--backend", choices=["loky", "dask"], default="loky",
                        help="how chunks reach workers (default loky)")
     train.add_argument("--scheduler", default=None,
                        help="dask scheduler address tcp://HOST:8786 (default: a local cluster)")
-    train.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    train.add_argument("--quiet", action="store_true",
+                       help="no progress bars or epoch lines (default: shown)")
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="accuracy, per-class recall, confusion matrix")
