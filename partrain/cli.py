@@ -427,7 +427,8 @@ def describe_backend(trainer) -> str:
     processes, n_jobs = trainer.plan.processes, trainer.n_jobs
     if trainer.backend == "dask":
         if trainer.backend_options.get("scheduler") is None:
-            return f"the dask backend (a local cluster of {processes} worker processes)"
+            return (f"the dask backend (a local cluster of {processes} worker "
+                    f"process{'es' * (processes > 1)})")
         engine = trainer.engine
         return f"the dask backend (scheduler {engine.address}, {engine.n_workers} workers)"
     asked = "" if processes == n_jobs else f", of n_jobs={n_jobs}"
