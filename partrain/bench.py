@@ -1,9 +1,10 @@
-"""Scaling experiments: examples/s, speedup and efficiency per worker count.
+"""Scaling experiments: examples/s, speedup, parallel and engine efficiency per worker count.
 
 Each configuration (model, batch size, n_jobs) runs full training steps (fan-out, chunk
 forward/backward, ordered reduction, Adam on the master) on synthetic data of the model's
-input shape, after a warm-up, in several timed windows; speedup and efficiency are taken
-against n_jobs=1 measured in the same run. Beside each partrain row:
+input shape, after a warm-up, in several timed windows; speedup and parallel efficiency
+(speedup / n_jobs) are taken against n_jobs=1 measured in the same run. Beside each partrain
+row:
 
 - a **ceiling** row: n independent processes computing the same chunks as n partrain
   processes would, with no coordination, timed together. partrain / ceiling is the *engine
@@ -27,6 +28,7 @@ between rows (speedup, engine efficiency, partrain / torch) stay meaningful.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import multiprocessing
 import os
@@ -50,6 +52,7 @@ from .chunks import (
     keep_freed_memory,
     step_groups,
 )
+from .io import write_text
 from .loky_engine import children_blas_threads
 from .optim import Adam
 from .parallel import ParallelismWarning, plan_processes, resolve_n_jobs
@@ -85,8 +88,8 @@ class BenchRow:
     examples_per_s_max: float
     scaling: str = "strong"
     chunk_plan: str | None = None  # partrain and ceiling rows: the CHUNK_PLANS entry used
-    speedup: float | None = None
-    efficiency: float | None = None
+    speedup: float | None = None  # examples/s / partrain's at n_jobs=1 (same model, batch)
+    parallel_efficiency: float | None = None  # speedup / n_jobs (called "efficiency" before)
     engine_efficiency: float | None = None  # partrain / ceiling at the same configuration
     gflops: float | None = None
     step_ms: float | None = None
@@ -471,11 +474,11 @@ def merge_rounds(rounds: list[BenchRow]) -> BenchRow:
 
 
 def _add_ratios(rows: list[BenchRow]) -> None:
-    """Speedup and efficiency against partrain's n_jobs=1 for the same model and batch size
-    (weak scaling: the same per-process batch), the in-process run when measured, else the
-    backend's own n_jobs=1 run; None for rows whose steps had fewer chunks than n_jobs (fewer
-    processes computed than the row says). Engine efficiency against the ceiling row. Rows
-    are compared only with rows of the same chunk plan."""
+    """Speedup and parallel efficiency against partrain's n_jobs=1 for the same model and
+    batch size (weak scaling: the same per-process batch), the in-process run when measured,
+    else the backend's own n_jobs=1 run; None for rows whose steps had fewer chunks than
+    n_jobs (fewer processes computed than the row says). Engine efficiency against the
+    ceiling row. Rows are compared only with rows of the same chunk plan."""
     def per_process(r: BenchRow) -> int:
         return r.batch_size // r.n_jobs if r.scaling == "weak" else r.batch_size
 
@@ -489,7 +492,7 @@ def _add_ratios(rows: list[BenchRow]) -> None:
         ref = base.get((r.model, per_process(r), r.scaling, r.chunk_plan))
         if ref and r.processes == r.n_jobs:  # else n_jobs was clamped: no speedup to claim
             r.speedup = r.examples_per_s / ref
-            r.efficiency = r.speedup / r.n_jobs
+            r.parallel_efficiency = r.speedup / r.n_jobs
         top = ceilings.get((r.model, r.batch_size, r.n_jobs, r.scaling, r.chunk_plan))
         if top and r.engine in ("partrain", "partrain-loky"):
             r.engine_efficiency = r.examples_per_s / top
@@ -498,11 +501,28 @@ def _add_ratios(rows: list[BenchRow]) -> None:
 # ----------------------------------------------------------------------------- output
 
 
+# One line each under the table: what its derived columns mean.
+DEFINITIONS = (
+    "speedup = examples/s / partrain's examples/s at n_jobs=1 (same model, batch, chunk plan)",
+    "par. eff = parallel efficiency = speedup / n_jobs (1.00 = every process fully used)",
+    "eng. eff = engine efficiency = partrain's examples/s / the ceiling's (the same chunks in "
+    "n independent processes, no engine; 1.00 = the engine costs nothing)",
+    "ms per step: step = wall time; compute = the busiest process's forward/backward; "
+    "engine = the rest of the master's step (dispatch, wait, reduce); adam = the update",
+)
+
+
+def parallel_efficiency(row: dict) -> float | None:
+    """A report row's speedup / n_jobs, under its name before and after the rename."""
+    return row.get("parallel_efficiency", row.get("efficiency"))
+
+
 def format_table(report: dict) -> str:
-    """The terminal table: one line per configuration, then partrain-vs-torch ratios."""
-    head = (f"{'model':<11}{'batch':>6}{'scaling':>8}{'engine':>20}{'jobs':>5}  "
-            f"{'examples/s [min-max]':<26}{'speedup':>8}{'eff.':>6}{'vs ceil':>8}"
-            f"{'GFLOP/s':>9}{'step ms':>9}{'compute':>9}{'engine':>8}{'adam':>7}")
+    """The terminal table: one line per configuration, the columns' definitions, then
+    partrain-vs-torch ratios."""
+    head = (f"{'model':<11}{'batch':>6}{'scaling':>8}{'runner':>20}{'jobs':>5}  "
+            f"{'examples/s [min-max]':<26}{'speedup':>8}{'par. eff':>9}{'eng. eff':>9}"
+            f"{'GFLOP/s':>9}{'step ms':>9}{'compute ms':>11}{'engine ms':>10}{'adam ms':>8}")
     lines = [f"WARNING: {note}" for note in report.get("warnings", [])]
     lines += [head, "-" * len(head)]
     for r in report["rows"]:
@@ -516,11 +536,12 @@ def format_table(report: dict) -> str:
         jobs = f"{r['n_jobs']}*" if r["processes"] < r["n_jobs"] else str(r["n_jobs"])
         lines.append(
             f"{r['model']:<11}{r['batch_size']:>6}{r['scaling']:>8}{engine:>20}{jobs:>5}  "
-            f"{rate:<26}{_fmt(r['speedup'], '.2f')}{_fmt(r['efficiency'], '.2f', 6)}"
-            f"{_fmt(r['engine_efficiency'], '.2f')}"
+            f"{rate:<26}{_fmt(r['speedup'], '.2f')}{_fmt(parallel_efficiency(r), '.2f', 9)}"
+            f"{_fmt(r['engine_efficiency'], '.2f', 9)}"
             f"{_fmt(r['gflops'], '.1f', 9)}{_fmt(r['step_ms'], '.2f', 9)}"
-            f"{_fmt(r['compute_ms'], '.2f', 9)}{_fmt(r['engine_ms'], '.2f')}"
-            f"{_fmt(r['optimizer_ms'], '.2f', 7)}")
+            f"{_fmt(r['compute_ms'], '.2f', 11)}{_fmt(r['engine_ms'], '.2f', 10)}"
+            f"{_fmt(r['optimizer_ms'], '.2f', 8)}")
+    lines += DEFINITIONS
     lines.append(f"matmul peak (1 thread, {report['settings']['dtype']}): "
                  f"{report['matmul_peak_gflops_per_core']:.1f} GFLOP/s per core; "
                  f"{report['machine']['cpu']}, {report['machine']['cores']} cores")
@@ -602,7 +623,8 @@ def _torch_ratio_lines(report: dict) -> list[str]:
 
 
 def write_json(report: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(report, indent=1))
+    """The full report as JSON, written atomically (its folder created)."""
+    write_text(path, json.dumps(report, indent=1))
 
 
 def write_csv(report: dict, path: str | Path) -> None:
@@ -616,10 +638,11 @@ def write_csv(report: dict, path: str | Path) -> None:
         for b in report["machine"]["blas"])
     machine["machine_forced_kernels"] = " ".join(
         f"{k}={v}" for k, v in report["machine"]["forced_kernels"].items())
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*rows[0], *machine])
-        writer.writeheader()
-        for r in rows:
-            flat = {k: ";".join(f"{x:.6g}" for x in v) if isinstance(v, list) else v
-                    for k, v in r.items()}
-            writer.writerow({**flat, **machine})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=[*rows[0], *machine])
+    writer.writeheader()
+    for r in rows:
+        flat = {k: ";".join(f"{x:.6g}" for x in v) if isinstance(v, list) else v
+                for k, v in r.items()}
+        writer.writerow({**flat, **machine})
+    write_text(path, text.getvalue())

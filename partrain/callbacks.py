@@ -48,8 +48,10 @@ class History:
         return list(range(self.epochs))
 
     def append(self, logs: dict) -> None:
+        """Add one epoch's metrics, as plain Python numbers (JSON-ready, as Keras's)."""
         for key, value in logs.items():
-            self.history.setdefault(key, []).append(value)
+            plain = value.item() if isinstance(value, np.generic) else value
+            self.history.setdefault(key, []).append(plain)
 
     def __repr__(self) -> str:
         keys = sorted(k for k, v in self.history.items() if v)

@@ -251,7 +251,7 @@ def _fit_and_finish(args, trainer, data, epochs: int, model_name: str, outputs: 
                 n_train = validation_split_point(len(data.x_train), args.validation_split)
                 print(f"Training {model_name} on {data.name} ({n_train:,} train, "
                       f"{len(data.x_train) - n_train:,} validation, {len(data.x_test):,} test) "
-                      f"with n_jobs={trainer.n_jobs}, batch {trainer.batch_size}, chunk "
+                      f"on {describe_backend(trainer)}, batch {trainer.batch_size}, chunk "
                       f"{trainer.chunk_size}; epochs {trainer.epoch + 1}..{epochs}",
                       file=sys.stderr)
             for note in trainer.plan.notes("--chunk-size {}", "--batch-size {}"):
@@ -305,7 +305,7 @@ class _Outputs:
     """
 
     def __init__(self, args, model_name: str, signals: _Signals):
-        self.save = Path(_given(args.save, f"{model_name}.npz"))
+        self.save = Path(_given(args.save, default_save_name(model_name, args.dataset)))
         self.history = None if args.history is None else Path(args.history)
         self.plot_dir = None if args.plot is None else Path(args.plot)
         self.checkpoint = None if args.checkpoint is None else Path(args.checkpoint)
@@ -314,19 +314,14 @@ class _Outputs:
         self.problems: list[str] = []
         self.evaluated = False
         self.title = f"{model_name} on {_dataset_name(args.dataset) if args.dataset else '?'}"
-        checks = [("--save", _given(args.save, str(self.save)), False, f"{model_name}.npz"),
+        checks = [("--save", _given(args.save, str(self.save)), False, self.save.name),
                   ("--checkpoint", args.checkpoint, False, "checkpoint.npz"),
                   ("--history", args.history, False, "history.json"),
                   ("--save-best", args.save_best, False, "best.npz")]
         if args.plot is not None:
             checks += [("--plot", args.plot, True, None),
                        ("--plot", str(self.plot_dir / "history.png"), False, None)]
-        for option, given, folder, example in checks:  # (paths shown as the user typed them)
-            problem = None if given is None else output_problem(given, folder=folder)
-            if problem:
-                hint = f"; e.g. {option} {Path(given) / example}" \
-                    if example and Path(given).is_dir() else ""
-                raise UsageError(f"{option} {given}: {problem}{hint}")
+        check_outputs(checks)
         files = [("--save", self.save), ("--checkpoint", self.checkpoint),
                  ("--history", self.history), ("--resume", args.resume),
                  ("--save-best", args.save_best)]
@@ -348,13 +343,8 @@ class _Outputs:
                                                       lambda path: write_text(path, text))
 
     def _write(self, what: str, path: Path, write) -> Path | None:
-        where, reason = _write_somewhere(write, path)
-        if where is None:
-            self.problems.append(f"could not write the {what} to {path} ({reason}) nor to "
-                                 "any other place")
-        elif where != path:
-            self.problems.append(f"could not write the {what} to {path} ({reason}); wrote "
-                                 f"it to {where} instead")
+        where, problem = write_or_rescue(what, path, write)
+        self.problems += [problem] if problem else []
         return where
 
     def plot(self, trainer) -> None:
@@ -427,11 +417,58 @@ class _Outputs:
             print(f"partrain train: failed: {problem}", file=sys.stderr)
 
 
+def default_save_name(model_name: str, dataset: str) -> str:
+    """Where `train` saves the model without --save: a name that says what it holds, in the
+    current folder, e.g. digits-cnn-digits.npz (npz:PATH datasets by their file's stem)."""
+    name = Path(dataset[4:]).stem if dataset.startswith("npz:") else dataset
+    return f"{model_name}-{name}.npz"
+
+
+def describe_backend(trainer) -> str:
+    """What computes the steps, for the train header: the serial engine, loky's processes,
+    or a Dask cluster (given by address: its workers now, which starts the engine)."""
+    processes, n_jobs = trainer.plan.processes, trainer.n_jobs
+    if trainer.backend == "dask":
+        if trainer.backend_options.get("scheduler") is None:
+            return (f"the dask backend (a local cluster of {processes} worker "
+                    f"process{'es' * (processes > 1)})")
+        engine = trainer.engine
+        return f"the dask backend (scheduler {engine.address}, {engine.n_workers} workers)"
+    asked = "" if processes == n_jobs else f", of n_jobs={n_jobs}"
+    if processes == 1:
+        return f"the serial backend (1 process{asked})"
+    return f"the loky backend ({processes} processes{asked})"
+
+
 def _position(trainer, epochs: int) -> str:
     """Where an unfinished run stands, e.g. "epoch 2 of 5, after step 17"."""
     if trainer.step_in_epoch:
         return f"epoch {trainer.epoch + 1} of {epochs}, after step {trainer.step_in_epoch}"
     return f"the start of epoch {trainer.epoch + 1} of {epochs}"
+
+
+def check_outputs(checks) -> None:
+    """Refuse, before any work, an output path that cannot be written (a missing folder only
+    has to be creatable). `checks`: (option, path as the user typed it or None, whether it
+    names a folder, a file name to suggest when a folder was given for a file, or None)."""
+    for option, given, folder, example in checks:
+        problem = None if given is None else output_problem(given, folder=folder)
+        if problem:
+            hint = f"; e.g. {option} {Path(given) / example}" \
+                if example and Path(given).is_dir() else ""
+            raise UsageError(f"{option} {given}: {problem}{hint}")
+
+
+def write_or_rescue(what: str, path: Path, write) -> tuple[Path | None, str | None]:
+    """`write(path)`, or the rescue of `_write_somewhere`: (where `what` went or None, the
+    problem to report or None when it went to `path`)."""
+    where, reason = _write_somewhere(write, path)
+    if where is None:
+        return None, f"could not write the {what} to {path} ({reason}) nor to any other place"
+    if where != path:
+        return where, f"could not write the {what} to {path} ({reason}); wrote it to {where} " \
+            "instead"
+    return where, None
 
 
 def _write_somewhere(write, path: Path) -> tuple[Path | None, str | None]:
@@ -678,6 +715,10 @@ def cmd_bench(args) -> int:
         from .plots import require_matplotlib
 
         require_matplotlib()
+    outputs = [("--json", args.json, write_json, "bench.json"),
+               ("--csv", args.csv, write_csv, "bench.csv"),
+               ("--plot", args.plot, plot_scaling, "scaling.png")]
+    check_outputs([(option, path, False, example) for option, path, _, example in outputs])
     report = run_bench([m.replace("_", "-") for m in args.model], args.batch_size, args.n_jobs,
                        args.dtype, args.repeats, args.duration, args.warmup,
                        compare_torch=args.compare == "torch", chunk_size=args.chunk_size,
@@ -686,12 +727,17 @@ def cmd_bench(args) -> int:
                        chunk_plans=tuple(args.chunk_plan),
                        scaling=("strong", "weak") if args.scaling == "both" else (args.scaling,))
     print(format_table(report))
-    for option, writer in ((args.json, write_json), (args.csv, write_csv),
-                           (args.plot, plot_scaling)):
-        if option:
-            writer(report, option)
-            print(f"wrote {option}")
-    return 0
+    status = 0
+    for option, path, writer, _ in outputs:
+        if path is not None:
+            where, problem = write_or_rescue(f"{option} output", Path(path),
+                                             lambda to, writer=writer: writer(report, to))
+            if problem:
+                print(f"partrain bench: failed: {problem}", file=sys.stderr)
+                status = EXIT_FAILURE
+            if where is not None:
+                print(f"wrote {where}")
+    return status
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -708,6 +754,9 @@ def cmd_evaluate(args) -> int:
         from .plots import require_matplotlib
 
         require_matplotlib()
+        check_outputs([("--plot", args.plot, True, None)] + [
+            ("--plot", str(Path(args.plot) / name), False, None)
+            for name in ("recall.png", "confusion.png")])
     # a checkpoint holds a model too (with its optimizer state, ignored here)
     meta, arrays = read_npz(args.model_file, ("model", "checkpoint"))
     model = model_from_arrays(meta, arrays, args.model_file)
@@ -747,8 +796,18 @@ def cmd_evaluate(args) -> int:
         out = Path(args.plot)
         title = (f"{model.metadata.get('model') or Path(args.model_file).name} on {data.name}, "
                  f"{args.split} split: accuracy {acc:.4f}")
-        print(f"\nplots: {plot_recall(recall, names, out / 'recall.png', title)}, "
-              f"{plot_confusion(cm, names, out / 'confusion.png', title)}")
+        written, status = [], 0
+        for plot, values, name in ((plot_recall, recall, "recall.png"),
+                                   (plot_confusion, cm, "confusion.png")):
+            where, problem = write_or_rescue(
+                f"plot {name}", out / name,
+                lambda to, plot=plot, values=values: plot(values, names, to, title))
+            written += [str(where)] if where else []
+            if problem:
+                print(f"partrain evaluate: failed: {problem}", file=sys.stderr)
+                status = EXIT_FAILURE
+        print(f"\nplots: {', '.join(written) or 'none written'}")
+        return status
     return 0
 
 
@@ -797,7 +856,13 @@ def cmd_gradcheck(args) -> int:
     width = max(len(name) for name in result.per_param) if result.per_param else 0
     for name, ratio in result.per_param.items():
         checked, size = result.checked[name]
-        print(f"  {name:<{width}}  {ratio:.3e}  ({checked:,} of {size:,})")
+        kinks = f"; {result.kinks[name]:,} at a kink" if result.kinks[name] else ""
+        shown = "-" if checked == 0 else f"{ratio:.3e}"
+        print(f"  {name:<{width}}  {shown:>9}  ({checked:,} of {size:,}{kinks})")
+    if result.n_kinks:
+        examples = ", ".join(map(str, result.kink_examples))
+        print(f"{result.n_kinks:,} entries left out: their +-eps steps moved a ReLU or max-pool "
+              f"of example(s) {examples} across its kink, where the loss has no derivative")
     verdict = "PASS" if result.passed(args.tol) else "FAIL"
     print(f"{verdict}: relative difference {result.rel_diff:.3e} over {result.n_checked:,} "
           f"of {model.n_params:,} parameters in {len(result.per_param)} arrays (tolerance "
@@ -822,28 +887,42 @@ def make_parser() -> argparse.ArgumentParser:
                        help="network (default digits-cnn)")
     train.add_argument("--dataset", default=None,
                        help=f"{datasets} (default: the model's own, e.g. digits)")
+    def per_model(key: str) -> str:
+        return ", ".join(f"{name} {MODEL_DEFAULTS[name].get(key, 0):g}" for name in models)
+
     train.add_argument("--epochs", type=int, default=None,
-                       help="total epochs, also when resuming (default per model)")
-    train.add_argument("--batch-size", type=int, default=None, help="examples per update")
+                       help=f"total epochs, also when resuming (default per model: "
+                       f"{per_model('epochs')})")
+    train.add_argument("--batch-size", type=int, default=None,
+                       help=f"examples per update (default per model: "
+                       f"{per_model('batch_size')})")
     train.add_argument("--chunk-size", type=int, default=None,
                        help="examples per worker task (default: from model and batch size)")
-    train.add_argument("--lr", type=float, default=None, help="learning rate")
+    train.add_argument("--lr", type=float, default=None,
+                       help=f"learning rate (default per model: {per_model('lr')})")
     train.add_argument("--optimizer", choices=["adam", "sgd"], default=None,
-                       help="default adam")
-    train.add_argument("--momentum", type=float, default=None, help="SGD momentum")
+                       help="optimizer (default adam)")
+    train.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0)")
     train.add_argument("--lr-decay", type=float, default=None,
-                       help="inverse-time decay d: lr / (1 + d * epoch)")
-    train.add_argument("--dropout", type=float, default=None, help="MLP dropout rate")
+                       help="inverse-time decay d: lr / (1 + d * epoch) (default per "
+                       f"model: {per_model('lr_decay')})")
+    train.add_argument("--dropout", type=float, default=None,
+                       help="MLP dropout rate (default 0)")
     train.add_argument("--batchnorm", action="store_const", const=True, default=None,
-                       help="MLP batch normalisation")
-    train.add_argument("--n-jobs", type=int, default=1, help="worker processes, -1 = all cores")
-    train.add_argument("--seed", type=int, default=None, help="seed of init, shuffling, dropout")
+                       help="MLP batch normalisation (default off)")
+    train.add_argument("--n-jobs", type=int, default=1,
+                       help="processes computing each step, -1 = all cores (default 1: no "
+                       "worker process; with --backend dask and no --scheduler, the local "
+                       "cluster's workers)")
+    train.add_argument("--seed", type=int, default=None,
+                       help="seed of init, shuffling, dropout (default 0)")
     train.add_argument("--checkpoint", default=None,
                        help="write checkpoints to this .npz (claimed by this run: another run "
-                       "naming it is refused while this one lives)")
+                       "naming it is refused while this one lives; default: none)")
     train.add_argument("--resume", default=None,
                        help="go on with the run in this checkpoint; options that define the "
-                       "run may be repeated only with the checkpoint's values")
+                       "run may be repeated only with the checkpoint's values (default: a "
+                       "new run)")
     train.add_argument("--validation-split", type=float, default=None, metavar="F",
                        help="hold out the last fraction F of the training set (before "
                        "shuffling) for the per-epoch val_loss/val_acc; 0 = none. The test set "
@@ -851,20 +930,25 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
                        help="stop once val_loss has not improved for PATIENCE epochs in a row "
                        "(Keras's EarlyStopping); the model saved is the last epoch's, keep "
-                       "the best with --save-best")
+                       "the best with --save-best (default: off)")
     train.add_argument("--save-best", default=None, metavar="PATH",
                        help="keep the model of the epoch with the lowest val_loss in this "
-                       "file (Keras's ModelCheckpoint)")
-    train.add_argument("--save", default=None, help="model file (default MODEL.npz)")
-    train.add_argument("--history", default=None, help="write the history as JSON here")
-    train.add_argument("--plot", default=None, help="write history.png into this folder")
+                       "file (Keras's ModelCheckpoint; default: off)")
+    train.add_argument("--save", default=None, metavar="MODEL.npz",
+                       help="model file (default MODEL-DATASET.npz in the current folder, e.g. "
+                       "digits-cnn-digits.npz)")
+    train.add_argument("--history", default=None,
+                       help="write the history as JSON here (default: not written)")
+    train.add_argument("--plot", default=None,
+                       help="write history.png into this folder (default: no plot)")
     _add_data_options(train, normalize_default=None)
     train.add_argument("--backend", choices=["loky", "dask"], default="loky",
                        help="how chunks reach workers (default loky)")
     train.add_argument("--scheduler", default=None,
                        help="dask scheduler address tcp://HOST:8786 (default: a local "
                        "cluster); connecting gives up after 10 s")
-    train.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    train.add_argument("--quiet", action="store_true",
+                       help="no progress bars or epoch lines (default: shown)")
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="accuracy, per-class recall, confusion matrix")

@@ -956,6 +956,11 @@ class DaskEngine(Engine):
 
     # -- lifecycle
 
+    @property
+    def n_workers(self) -> int:
+        """The cluster's worker processes now (one round trip to the scheduler)."""
+        return len(self._client.nthreads())
+
     def worker_pids(self) -> list[int]:
         """Process ids of the cluster's workers running on this machine."""
         here = socket.gethostname()

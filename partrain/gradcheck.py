@@ -11,15 +11,30 @@ from .model import Sequential
 
 
 class GradcheckResult(NamedTuple):
-    """`rel_diff` = ||g_num - g|| / (||g_num|| + ||g||) over the checked entries."""
+    """`rel_diff` = ||g_num - g|| / (||g_num|| + ||g||) over the entries compared.
+
+    An entry whose +eps or -eps evaluation changes an activation pattern (a ReLU switching,
+    a max-pool window taking another input: see `Layer.activation_pattern`) straddles a kink,
+    where the loss has no derivative and a central difference means nothing; such entries
+    are counted in `kinks` and left out of every ratio, which are computed over the rest.
+    """
 
     rel_diff: float
-    per_param: dict[str, float]  # the same ratio for each layout row, e.g. 'conv1.W'
-    n_checked: int
-    checked: dict[str, tuple[int, int]]  # per layout row: (entries checked, entries)
+    per_param: dict[str, float]  # the same ratio for each layout row (nan: nothing compared)
+    n_checked: int  # entries compared (drawn, minus those at kinks)
+    checked: dict[str, tuple[int, int]]  # per layout row: (entries compared, entries)
+    kinks: dict[str, int] = {}  # per layout row: entries drawn whose +-eps straddled a kink
+    kink_examples: tuple[int, ...] = ()  # the examples whose patterns those steps changed
+
+    @property
+    def n_kinks(self) -> int:
+        """Entries drawn but not compared: their +-eps evaluations straddled a kink."""
+        return sum(self.kinks.values())
 
     def passed(self, tol: float = 1e-6) -> bool:
-        return self.rel_diff < tol
+        """The relative difference of the entries compared is below `tol` (none compared:
+        False)."""
+        return self.n_checked > 0 and self.rel_diff < tol
 
 
 def _ratio(num: np.ndarray, ana: np.ndarray) -> float:
@@ -63,7 +78,9 @@ def gradcheck(model: Sequential, X, y, eps: float = 1e-7, *, n_params: int | Non
     -------
     GradcheckResult
         The overall relative difference, one per parameter array (`per_param`, every row of
-        `model.layout`), and how many entries of each were checked (`checked`).
+        `model.layout`), how many entries of each were compared (`checked`), and how many
+        were left out because their +-eps evaluations straddled a kink (`kinks`), with the
+        examples concerned (`kink_examples`).
     """
     if n_params is not None and (isinstance(n_params, bool) or n_params < 1):
         raise ValueError(f"`n_params` must be an integer >= 1 or None, got {n_params!r}.")
@@ -72,20 +89,28 @@ def gradcheck(model: Sequential, X, y, eps: float = 1e-7, *, n_params: int | Non
     ctx = ctx or Context(training=True, key=(seed,))
     params = model64.params.copy()
     analytic = model64.loss_and_grad(params, X, y, ctx).grad
+    pattern = model64.activation_patterns(X, params, ctx)
     indices = sample_entries(model64.layout, n_params, seed)
     numeric = np.empty(indices.size)
+    straddled = np.zeros((indices.size, len(X)), dtype=bool)  # entry k moved example j's pattern
     for k, i in enumerate(indices):
         original = params[i]
-        params[i] = original + eps
-        plus = model64.loss_and_grad_unchecked(params, X, y, ctx).loss
-        params[i] = original - eps
-        minus = model64.loss_and_grad_unchecked(params, X, y, ctx).loss
+        losses = []
+        for step in (eps, -eps):
+            params[i] = original + step
+            losses.append(model64.loss_and_grad_unchecked(params, X, y, ctx).loss)
+            straddled[k] |= (model64.activation_patterns(X, params, ctx) != pattern).any(axis=1)
         params[i] = original
-        numeric[k] = (plus - minus) / (2 * eps)
-    checked = analytic[indices]
-    per_param, counts = {}, {}
+        numeric[k] = (losses[0] - losses[1]) / (2 * eps)
+    smooth = ~straddled.any(axis=1)
+    per_param, counts, kinks = {}, {}, {}
     for row in model64.layout:
-        mask = (indices >= row.start) & (indices < row.stop)
-        per_param[row.name] = _ratio(numeric[mask], checked[mask])
+        drawn = (indices >= row.start) & (indices < row.stop)
+        mask = drawn & smooth
+        per_param[row.name] = _ratio(numeric[mask], analytic[indices[mask]]) if mask.any() \
+            else float("nan")
         counts[row.name] = (int(mask.sum()), row.stop - row.start)
-    return GradcheckResult(_ratio(numeric, checked), per_param, int(indices.size), counts)
+        kinks[row.name] = int((drawn & ~smooth).sum())
+    return GradcheckResult(_ratio(numeric[smooth], analytic[indices[smooth]]), per_param,
+                           int(smooth.sum()), counts, kinks,
+                           tuple(int(j) for j in np.flatnonzero(straddled.any(axis=0))))

@@ -99,6 +99,14 @@ class Layer:
         """JSON-ready constructor arguments; `type(self)(**config)` rebuilds the layer."""
         return {}
 
+    def activation_pattern(self, cache: Any) -> np.ndarray | None:
+        """The discrete choices a forward pass made, per example (leading axis m): which
+        units a ReLU let through, which input each max-pool window took. None for a layer
+        that is smooth in its input and parameters. `gradcheck` compares these between its
+        +eps and -eps evaluations to tell a kink from a wrong gradient; a custom layer with
+        a kink (a branch on its input) should return its branch choices here."""
+        return None
+
     def forward_flops(self) -> int:
         """Multiply-add FLOPs of one example's forward pass (matmuls only)."""
         return 0
@@ -184,6 +192,9 @@ class ReLU(Layer):
     def backward(self, p, cache, dy, g, need_dx):
         return F.relu_backward(dy, cache) if need_dx else None
 
+    def activation_pattern(self, cache):
+        return cache > 0  # the units let through
+
 
 class _Pool2D(Layer):
     """Shared code of max and average pooling (no padding)."""
@@ -213,6 +224,12 @@ class _Pool2D(Layer):
             return None
         x, y = cache
         return F.pool_backward(dy, x, self.pool_size, self.stride, self.mode, A=y)
+
+    def activation_pattern(self, cache):
+        if self.mode != "max":
+            return None
+        x, y = cache  # the inputs that receive each window's gradient: its first maximum
+        return F.pool_backward(np.ones_like(y), x, self.pool_size, self.stride, "max", A=y)
 
     def config(self):
         return {"pool_size": self.pool_size, "stride": self.stride}

@@ -280,12 +280,28 @@ class Sequential:
 
     def forward(self, X, params: np.ndarray | None = None, ctx: Context = INFERENCE) -> np.ndarray:
         """Logits (m, K) of already validated X, inference mode by default."""
+        logits = X
+        for out, _, _ in self._forward_layers(X, params, ctx):
+            logits = out
+        return logits
+
+    def activation_patterns(self, X, params: np.ndarray, ctx: Context) -> np.ndarray:
+        """Per example, every layer's `activation_pattern` of a forward pass at `params`,
+        flattened into one row (m, k): which ReLUs were active, which input won each max
+        pool. Two evaluations whose rows differ lie on two sides of a kink."""
+        patterns = [pattern.reshape(len(X), -1) for _, layer, cache in
+                    self._forward_layers(X, params, ctx)
+                    if (pattern := layer.activation_pattern(cache)) is not None]
+        return np.concatenate(patterns, axis=1) if patterns else np.zeros((len(X), 0))
+
+    def _forward_layers(self, X, params: np.ndarray | None, ctx: Context):
+        """Yield (output, layer, cache) of each layer in turn."""
         params = self.params if params is None else params
         p_views, b_views = self.unpack(params), self._views(self.buffers, self._buffer_slots)
         a = X
         for i, layer in enumerate(self.layers):
-            a, _ = layer.forward({**p_views[i], **b_views[i]}, a, ctx, i)
-        return a
+            a, cache = layer.forward({**p_views[i], **b_views[i]}, a, ctx, i)
+            yield a, layer, cache
 
     def _batched_logits(self, X, batch_size: int):
         if batch_size < 1:

@@ -12,6 +12,7 @@ more: n_jobs above the chunks per step is clamped, with a warning that says how 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import NamedTuple
 
 from .chunks import Engine, SerialEngine, chunks_per_step
@@ -22,6 +23,22 @@ from .model import Sequential
 class ParallelismWarning(UserWarning):
     """n_jobs cannot be used as given (fewer chunks per step than n_jobs, or more n_jobs than
     cores); the message says what runs instead and what to change."""
+
+
+_SAID: set[str] = set()  # ParallelismWarning texts already given in this process
+
+
+def warn_parallelism(note: str, stacklevel: int = 3) -> None:
+    """Warn `note` as a ParallelismWarning once per process: the same cause (the same text,
+    e.g. every fit of a GridSearchCV over one configuration) is said once, unless a warnings
+    filter asks for "always" (as `pytest.warns` does). `stacklevel` 3: the caller's caller."""
+    action = next((f[0] for f in warnings.filters if issubclass(ParallelismWarning, f[2])
+                   and (f[1] is None or f[1].match(note))), "default")
+    if note in _SAID and action != "always":
+        return
+    if action != "ignore":
+        _SAID.add(note)
+    warnings.warn(note, ParallelismWarning, stacklevel=stacklevel)
 
 
 def resolve_n_jobs(n_jobs: int) -> int:

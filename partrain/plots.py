@@ -99,40 +99,86 @@ def _save(fig, plt, path) -> Path:
 
 
 def plot_scaling(report: dict, path: str | Path) -> Path:
-    """examples/s and speedup against n_jobs per model and batch size, with ideal scaling;
-    strong and weak scaling as separate curves, the machine's ceiling dotted."""
+    """A bench report as two panels against n_jobs: examples/s, and speedup vs n_jobs=1.
+
+    One colour per network and batch size in both panels; partrain solid (weak scaling
+    dashed, Dask with square markers), the machine's ceiling dotted, the ideal (n x the
+    n_jobs=1 rate; speedup = n) thin grey. A series with no parallel point (every n_jobs > 1
+    clamped to one process, or only n_jobs=1 measured) is left out. The report's warnings
+    (a busy machine, forced kernels) are printed under the panels.
+    """
+    from matplotlib.lines import Line2D
+
     plt = _pyplot()
     rows = [r for r in report["rows"]
             if r["engine"].startswith("partrain") or r["engine"] == "ceiling"]
-    fig, (ax_rate, ax_speed) = plt.subplots(1, 2, figsize=(11, 4.2))
-    max_jobs = max(r["n_jobs"] for r in rows)
+    notes = [f"WARNING: {note}" for note in report.get("warnings", [])]
+    fig, (ax_rate, ax_speed) = plt.subplots(1, 2)
+
+    def per_process(r: dict) -> int:
+        return r["batch_size"] // r["n_jobs"] if r["scaling"] == "weak" else r["batch_size"]
 
     def curve(r: dict) -> tuple:
-        per_process = r["batch_size"] // r["n_jobs"] if r["scaling"] == "weak" else \
-            r["batch_size"]
         plan = r.get("chunk_plan")
         engine = r["engine"].replace("-loky", "")
-        return r["model"], per_process, r["scaling"], \
+        return r["model"], per_process(r), r["scaling"], \
             engine if plan in (None, "auto") else f"{engine}, {plan} plan"
 
+    series = {}
     for key in sorted({curve(r) for r in rows}):
         sel = sorted((r for r in rows if curve(r) == key), key=lambda r: r["n_jobs"])
-        jobs = [r["n_jobs"] for r in sel]
-        model, batch, scaling, engine = key
-        batch = f"batch {batch}" + (" per process" if scaling == "weak" else "")
-        label = f"{model}, {batch}" + ("" if engine == "partrain" else f" ({engine})")
-        style = ":" if engine.startswith("ceiling") else ("o--" if scaling == "weak" else "o-")
-        ax_rate.errorbar(jobs, [r["examples_per_s"] for r in sel], fmt=style, label=label,
-                         yerr=[[r["examples_per_s"] - r["examples_per_s_min"] for r in sel],
-                               [r["examples_per_s_max"] - r["examples_per_s"] for r in sel]])
-        if not engine.startswith("ceiling"):
-            ax_speed.plot(jobs, [r["speedup"] or np.nan for r in sel], style, label=label)
-    ax_speed.plot([1, max_jobs], [1, max_jobs], "k--", label="ideal")
+        if any(r["n_jobs"] > 1 and r["processes"] > 1 for r in sel):  # a parallel point
+            series[key] = sel
+    groups = sorted({key[:2] for key in series})  # (network, batch): one colour each
+    left_out = sorted({key[:2] for r in rows if (key := curve(r))[:2] not in groups})
+    if left_out:
+        notes.append("left out, no parallel point (one chunk per step, see --chunk-size): " +
+                     ", ".join(f"{model} batch {batch}" for model, batch in left_out))
+    colours = {group: f"C{i % 10}" for i, group in enumerate(groups)}
+    max_jobs = max([r["n_jobs"] for sel in series.values() for r in sel], default=1)
+    for (model, batch, scaling, engine), sel in series.items():
+        colour = colours[model, batch]
+        jobs = np.array([r["n_jobs"] for r in sel])
+        rate = np.array([r["examples_per_s"] for r in sel])
+        ceiling = engine.startswith("ceiling")
+        style = dict(color=colour, linestyle=":" if ceiling else "--" if scaling == "weak"
+                     else "-", marker="" if ceiling else "s" if "dask" in engine else "o")
+        name = f"{model}, batch {batch}, {scaling}, {engine}"  # (the lines' gid)
+        ax_rate.errorbar(jobs, rate, yerr=[rate - [r["examples_per_s_min"] for r in sel],
+                                           [r["examples_per_s_max"] for r in sel] - rate],
+                         **style).lines[0].set_gid(name)
+        base = next((r["examples_per_s"] for r in rows if r["engine"] == "partrain"
+                     and r["n_jobs"] == 1 and curve(r)[:3] == (model, batch, scaling)), None)
+        if ceiling and base:
+            ax_speed.plot(jobs, rate / base, gid=name, **style)
+        elif not ceiling:
+            ax_speed.plot(jobs, [r["speedup"] or np.nan for r in sel], gid=name, **style)
+            if sel[0]["n_jobs"] == 1 and "dask" not in engine:  # ideal: n x the 1-process rate
+                ax_rate.plot(jobs, rate[0] * jobs, color="0.6", linewidth=0.8, zorder=0,
+                             gid=f"ideal: {name}")
+    ax_speed.plot([1, max_jobs], [1, max_jobs], color="0.6", linewidth=0.8, zorder=0,
+                  gid="ideal")
     ax_rate.set(xlabel="n_jobs", ylabel="examples/s", yscale="log", title="throughput")
     ax_speed.set(xlabel="n_jobs", ylabel="speedup vs n_jobs=1", title="scaling")
     for ax in (ax_rate, ax_speed):
         ax.set_xticks(range(1, max_jobs + 1))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    ax_speed.legend(handles=[Line2D([], [], color=colours[g], marker="o",
+                                    label=f"{g[0]}, batch {g[1]}") for g in groups],
+                    fontsize=7, title="network, batch (per process for weak)",
+                    title_fontsize=7)
+    kinds = [("partrain", "-", "o"), ("weak scaling", "--", "o"), ("dask", "-", "s"),
+             ("ceiling: no engine", ":", "")]
+    shown = {"partrain": True, "weak scaling": any(k[2] == "weak" for k in series),
+             "dask": any("dask" in k[3] for k in series),
+             "ceiling: no engine": any(k[3].startswith("ceiling") for k in series)}
+    handles = [Line2D([], [], color="k", linestyle=ls, marker=m, label=label)
+               for label, ls, m in kinds if shown[label]]
+    handles.append(Line2D([], [], color="0.6", linewidth=0.8, label="ideal: n x n_jobs=1"))
+    ax_rate.legend(handles=handles, fontsize=7)
+    fig.set_size_inches(11, 4.4 + 0.2 * len(notes))
+    for i, note in enumerate(notes):
+        fig.text(0.01, 0.01 + 0.04 * (len(notes) - 1 - i), note, fontsize=8, va="bottom",
+                 color="tab:red" if note.startswith("WARNING") else "0.3")
+    fig.tight_layout(rect=(0, 0.045 * len(notes), 1, 1))
     return _save(fig, plt, path)

@@ -84,6 +84,10 @@ class NetClassifier(ClassifierMixin, BaseEstimator):
         n_iter_no_change); None or False: off.
     verbose : int, default 0
         0 silent; 1 progress bars and early-stopping messages on stderr.
+    chunk_size : int or None, default None
+        Examples per task; a step keeps at most batch_size / chunk_size processes busy.
+        None: chosen from the network and batch size, never from n_jobs (see
+        `partrain.Trainer`). The ParallelismWarning says which value splits a batch.
 
     Attributes
     ----------
@@ -134,7 +138,8 @@ class NetClassifier(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, model="mlp", epochs=10, batch_size=32, lr=1e-3, n_jobs=1,
-                 random_state=None, validation_split=0.0, early_stopping=None, verbose=0):
+                 random_state=None, validation_split=0.0, early_stopping=None, verbose=0,
+                 chunk_size=None):
         self.model = model
         self.epochs = epochs
         self.batch_size = batch_size
@@ -144,6 +149,7 @@ class NetClassifier(ClassifierMixin, BaseEstimator):
         self.validation_split = validation_split
         self.early_stopping = early_stopping
         self.verbose = verbose
+        self.chunk_size = chunk_size
 
     # ------------------------------------------------------------------ scikit-learn API
 
@@ -169,7 +175,7 @@ class NetClassifier(ClassifierMixin, BaseEstimator):
             callbacks.append(EarlyStopping(monitor, patience=patience,
                                            restore_best_weights=True, verbose=self.verbose))
         trainer = Trainer(net, Adam(self.lr), n_jobs=self.n_jobs, batch_size=self.batch_size,
-                          seed=seed, progress=bool(self.verbose))
+                          chunk_size=self.chunk_size, seed=seed, progress=bool(self.verbose))
         with trainer:
             history = trainer.fit(self._to_network(X, net.input_shape), encoded,
                                   epochs=int(epochs), validation_split=self.validation_split,

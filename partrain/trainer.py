@@ -14,7 +14,6 @@ import os
 import signal
 import threading
 import time
-import warnings
 import weakref
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from .optim import (
     optimizer_from_config,
     schedule_from_config,
 )
-from .parallel import BACKENDS, ParallelismWarning, make_engine, plan_processes, resolve_n_jobs
+from .parallel import BACKENDS, make_engine, plan_processes, resolve_n_jobs, warn_parallelism
 from .runlock import CheckpointClaim
 
 SHUFFLE_STREAM, STEP_STREAM = 0, 1  # first key element: which kind of random draw
@@ -155,7 +154,7 @@ class Trainer:
             )
         self.plan = plan_processes(self.n_jobs, self.batch_size, self.chunk_size)
         for note in self.plan.notes():
-            warnings.warn(note, ParallelismWarning, stacklevel=2)
+            warn_parallelism(note)
         if scheduler is not None:
             if backend != "dask":
                 raise ValueError(f"`scheduler` needs backend='dask', got backend={backend!r}.")

@@ -31,11 +31,13 @@ def add_mnist_data_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_run_options(parser: argparse.ArgumentParser, defaults: dict, seed_help: str) -> None:
-    """--epochs, --n-jobs, --seed, --validation-split, --save and --quiet."""
+    """--epochs, --n-jobs, --chunk-size, --seed, --validation-split, --save and --quiet."""
     parser.add_argument("--epochs", type=int, default=defaults["epochs"],
                         help=f"epochs (default {defaults['epochs']})")
     parser.add_argument("--n-jobs", type=int, default=1,
                         help="worker processes, -1 = all cores (default 1)")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="examples per worker task (default: from model and batch size)")
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
     parser.add_argument("--validation-split", type=float, default=DEFAULT_VALIDATION_SPLIT,
                         metavar="F", help="hold out the last fraction F of the training images "
@@ -69,7 +71,8 @@ def fit_timed(model: Sequential, x_train: np.ndarray, y_train: np.ndarray,
     t0 = time.perf_counter()
     optimizer = optim.Adam(defaults["lr"]) if optimizer is None else optimizer
     with Trainer(model, optimizer, n_jobs=args.n_jobs, batch_size=defaults["batch_size"],
-                 seed=args.seed, lr_schedule=lr_schedule, progress=not args.quiet) as trainer:
+                 chunk_size=args.chunk_size, seed=args.seed, lr_schedule=lr_schedule,
+                 progress=not args.quiet) as trainer:
         trainer.fit(x_train, y_train, epochs=args.epochs,
                     validation_split=args.validation_split,
                     callbacks=[EpochSummary(args.epochs, args.quiet)])

@@ -17,7 +17,8 @@ from partrain import zoo
 TINY = ["--model", "mlp", "--batch-size", "16", "--repeats", "2", "--duration", "0.2",
         "--warmup", "0.1"]
 ROW_FIELDS = ("model", "batch_size", "n_jobs", "dtype", "engine", "threads", "examples_per_s",
-              "examples_per_s_min", "examples_per_s_max", "speedup", "efficiency")
+              "examples_per_s_min", "examples_per_s_max", "speedup", "parallel_efficiency",
+              "engine_efficiency")
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +43,9 @@ def test_bench_json_rows_and_ratios(bench_run):
         assert r["engine"].startswith("partrain")
         assert 0 < r["examples_per_s_min"] <= r["examples_per_s"] <= r["examples_per_s_max"]
         assert len(r["windows"]) == 2
-        assert r["efficiency"] == pytest.approx(r["speedup"] / r["n_jobs"])
+        assert r["parallel_efficiency"] == pytest.approx(r["speedup"] / r["n_jobs"])
     base, two = rows
-    assert base["speedup"] == 1.0 and base["efficiency"] == 1.0
+    assert base["speedup"] == 1.0 and base["parallel_efficiency"] == 1.0
     assert two["speedup"] == pytest.approx(two["examples_per_s"] / base["examples_per_s"])
     assert report["torch_skipped"] is None
     assert report["settings"]["repeats"] == 2
@@ -60,7 +61,7 @@ def test_bench_claims_no_speedup_for_steps_with_fewer_chunks_than_workers(tmp_pa
     one, two = json.loads((tmp_path / "c.json").read_text())["rows"]
     assert (one["processes"], two["processes"], two["chunk_size"]) == (1, 1, 16)
     assert one["speedup"] == 1.0
-    assert two["speedup"] is None and two["efficiency"] is None
+    assert two["speedup"] is None and two["parallel_efficiency"] is None
     marked = [line for line in proc.stdout.splitlines() if line.startswith("mlp") and " 2* " in
               line]
     assert len(marked) == 1, proc.stdout
@@ -140,7 +141,7 @@ def test_bench_csv_has_the_same_rows(bench_run):
         for key in ("batch_size", "n_jobs", "threads"):
             assert int(got[key]) == want[key]
         for key in ("examples_per_s", "examples_per_s_min", "examples_per_s_max", "speedup",
-                    "efficiency", "engine_efficiency"):
+                    "parallel_efficiency", "engine_efficiency"):
             if want[key] is None:  # ceiling rows have no ratios
                 assert got[key] == "", key
             else:

@@ -99,8 +99,9 @@ def test_train_with_the_real_defaults_learns_digits(digits, tmp_path):
     proc = run_partrain("train", "--quiet", cwd=tmp_path)
     assert_ok(proc)
     assert proc.elapsed < 60, f"the default run took {proc.elapsed:.0f} s"
-    assert (tmp_path / "digits-cnn.npz").is_file(), sorted(p.name for p in tmp_path.iterdir())
-    model = partrain.load(tmp_path / "digits-cnn.npz")
+    assert (tmp_path / "digits-cnn-digits.npz").is_file(), sorted(
+        p.name for p in tmp_path.iterdir())
+    model = partrain.load(tmp_path / "digits-cnn-digits.npz")
     loss, acc = model.evaluate(digits.x_test, digits.y_test)
     assert acc > 0.9, acc
     printed = re.search(r"test accuracy (\d\.\d+)\s+test loss (\d+\.\d+)\s+wall time ([\d.]+) s",
@@ -167,15 +168,16 @@ def test_resume_continues_bit_for_bit(two_epoch_run, one_epoch_checkpoint, tmp_p
 
 def test_resume_takes_model_and_dataset_from_the_checkpoint(one_epoch_checkpoint, tmp_path):
     """`train --resume CK --epochs 2` alone must continue the checkpoint's run: digits-cnn on
-    digits, saved as digits-cnn.npz with its metadata (so `evaluate` works on it)."""
+    digits, saved as digits-cnn-digits.npz with its metadata (so `evaluate` works on it)."""
     proc = run_partrain("train", "--resume", one_epoch_checkpoint, "--epochs", 2, "--quiet",
                         cwd=tmp_path)
     assert_ok(proc)
-    assert (tmp_path / "digits-cnn.npz").is_file(), sorted(p.name for p in tmp_path.iterdir())
-    model = partrain.load(tmp_path / "digits-cnn.npz")
+    assert (tmp_path / "digits-cnn-digits.npz").is_file(), sorted(
+        p.name for p in tmp_path.iterdir())
+    model = partrain.load(tmp_path / "digits-cnn-digits.npz")
     assert model.metadata.get("model") == "digits-cnn", model.metadata
     assert model.metadata.get("dataset") == "digits", model.metadata
-    assert_ok(run_partrain("evaluate", "digits-cnn.npz", cwd=tmp_path))
+    assert_ok(run_partrain("evaluate", "digits-cnn-digits.npz", cwd=tmp_path))
 
 
 # ----------------------------------------------------------------------------- evaluate

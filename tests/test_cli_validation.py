@@ -44,7 +44,7 @@ def test_validation_is_a_held_out_part_of_the_training_set(stopped_run, syntheti
     data, at = synthetic
     assert (at, len(data.x_train) - at) == (921, 103)
     history = json.loads((cwd / "h.json").read_text())
-    model = partrain.load(cwd / "digits-cnn.npz")  # the last epoch's
+    model = partrain.load(cwd / "digits-cnn-synthetic.npz")  # the last epoch's
     assert model.metadata["validation_split"] == 0.1
     val_loss, val_acc = model.evaluate(data.x_train[at:], data.y_train[at:])
     assert history["val_loss"][-1] == pytest.approx(val_loss, rel=1e-6)
@@ -86,7 +86,7 @@ def test_early_stopping_stops_says_why_and_keeps_the_best_model(stopped_run, syn
     saved = partrain.load(cwd / "best.npz")
     val_loss = saved.evaluate(data.x_train[at:], data.y_train[at:])[0]
     assert val_loss == pytest.approx(history["val_loss"][best], rel=1e-6)
-    last = partrain.load(cwd / "digits-cnn.npz")  # --save: the last epoch's (not restored)
+    last = partrain.load(cwd / "digits-cnn-synthetic.npz")  # the last epoch's (not restored)
     assert last.evaluate(data.x_train[at:], data.y_train[at:])[0] == pytest.approx(
         history["val_loss"][-1], rel=1e-6)
 
@@ -104,7 +104,7 @@ def test_resume_goes_on_stopping_and_saving_as_the_uninterrupted_run(stopped_run
                            "--history", "h.json", cwd=tmp_path)
     assert_ok(resumed)
     assert "EarlyStopping: stopped after epoch 8" in resumed.stderr, resumed.stderr
-    for name in ("best.npz", "digits-cnn.npz"):
+    for name in ("best.npz", "digits-cnn-synthetic.npz"):
         np.testing.assert_array_equal(partrain.load(tmp_path / name).params,
                                       partrain.load(cwd / name).params)
     full, part = (json.loads((d / "h.json").read_text()) for d in (cwd, tmp_path))
@@ -115,7 +115,7 @@ def test_resume_goes_on_stopping_and_saving_as_the_uninterrupted_run(stopped_run
     assert_ok(again)
     assert "stopped after epoch 8" in again.stderr and "no more epochs" in again.stderr
     np.testing.assert_array_equal(partrain.load(tmp_path / "again.npz").params,
-                                  partrain.load(cwd / "digits-cnn.npz").params)
+                                  partrain.load(cwd / "digits-cnn-synthetic.npz").params)
 
 
 def test_resume_cannot_change_the_validation_split(tmp_path):

@@ -46,3 +46,43 @@ def test_confusion_and_recall_are_titled(figures, tmp_path):
     plot_confusion(cm, ["a", "b"], tmp_path / "c.png", title)
     plot_recall(np.array([5 / 6, 7 / 9]), ["a", "b"], tmp_path / "r.png", title)
     assert [fig.axes[0].get_title() for fig in figures] == [title, title]
+
+
+def test_scaling_plot_keeps_colours_marks_ceiling_and_ideal_and_warns(figures, tmp_path):
+    """The committed report (2 cores): one colour per network and batch in both panels, the
+    mlp series (one chunk per step: no parallel point) left out and named, the ceiling
+    dotted, the ideal drawn, and a load warning printed on the figure."""
+    import json
+    from pathlib import Path
+
+    from matplotlib.colors import to_hex
+
+    from partrain.plots import plot_scaling
+
+    report = json.loads((Path(__file__).resolve().parents[1] / "scripts" / "bench" /
+                         "bench.json").read_text())
+    report["warnings"] = ["the machine was busy: load average 1.90 before the run (> 0.5)"]
+    plot_scaling(report, tmp_path / "s.png")
+    (fig,) = figures
+    rate, speed = fig.axes[:2]
+
+    def series(ax) -> dict:
+        return {line.get_gid(): line for line in ax.lines if line.get_gid()}
+
+    on_rate, on_speed = series(rate), series(speed)
+    data = {gid: line for gid, line in on_rate.items() if not gid.startswith("ideal")}
+    assert set(data) == set(on_speed) - {"ideal"}
+    groups = {}
+    for gid, line in data.items():
+        assert to_hex(line.get_color()) == to_hex(on_speed[gid].get_color()), gid
+        groups.setdefault(gid.split(", strong")[0], set()).add(to_hex(line.get_color()))
+    assert sorted(groups) == ["mnist-cnn, batch 32", "mnist-cnn, batch 64",
+                              "signs-cnn, batch 32", "signs-cnn, batch 64"]
+    assert all(len(colours) == 1 for colours in groups.values())
+    assert len({c for colours in groups.values() for c in colours}) == 4
+    ceilings = [line for gid, line in data.items() if gid.endswith("ceiling")]
+    assert len(ceilings) == 4 and all(line.get_linestyle() == ":" for line in ceilings)
+    assert "ideal" in on_speed and sum(g.startswith("ideal: ") for g in on_rate) == 4
+    texts = [t.get_text() for t in fig.texts]
+    assert any(t.startswith("WARNING: the machine was busy") for t in texts), texts
+    assert any("left out" in t and "mlp batch 32" in t for t in texts), texts

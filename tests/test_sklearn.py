@@ -100,7 +100,7 @@ def test_params_round_trip_and_clone():
     params = clf.get_params()
     assert params == {"model": "digits-cnn", "epochs": 3, "batch_size": 32, "lr": 1e-3,
                       "n_jobs": 1, "random_state": None, "validation_split": 0.0,
-                      "early_stopping": 2, "verbose": 0}
+                      "early_stopping": 2, "verbose": 0, "chunk_size": None}
     assert clf.set_params(lr=0.01, epochs=5) is clf and clf.lr == 0.01 and clf.epochs == 5
     assert clone(clf).get_params() == clf.get_params()
 
