@@ -504,13 +504,18 @@ def _check_resume(args, run: dict) -> None:
             given = min(given, _given(args.batch_size, run["batch_size"]))
         if given != run[name]:
             option = "--" + name.replace("_", "-")
-            shown = {True: "on", False: "off", None: "not set"}
-            differ.append(f"{option} {shown.get(given, given)} (checkpoint: "
-                          f"{shown.get(run[name], run[name])})")
+            differ.append(f"{option} {_shown(given)} (checkpoint: {_shown(run[name])})")
     if differ:
         raise UsageError(f"--resume {args.resume} goes on with the checkpoint's run, and these "
                          f"options differ from it: {', '.join(differ)}; leave them out (or "
                          "equal), or drop --resume to start a new run")
+
+
+def _shown(value) -> str:
+    """An option's value as --resume names it: switches as on/off, by type (1 == True)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "not set" if value is None else str(value)
 
 
 class EpochSummary(Callback):
