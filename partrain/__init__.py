@@ -20,6 +20,7 @@ try:
     from .model import Sequential, load
     from .parallel import ParallelismWarning
     from .trainer import NonFiniteLossError, Trainer, TrainingInterrupted
+    from .version import __version__
 
     if _started_as_command():
         from . import cli  # noqa: F401  (the command's own imports, under the same guard)
@@ -30,7 +31,6 @@ except KeyboardInterrupt:
         raise SystemExit(130) from None
     raise
 
-__version__ = "0.1.0"
 
 __all__ = [
     "Callback", "Context", "EarlyStopping", "History", "NonFiniteLossError", "ParallelismWarning",

@@ -902,7 +902,7 @@ def _add_data_options(parser, normalize_default="scale") -> None:
 
 
 def _version() -> str:
-    from . import __version__
+    from .version import __version__
 
     return __version__
 
