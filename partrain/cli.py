@@ -318,19 +318,15 @@ class _Outputs:
         if args.plot is not None:
             checks += [("--plot", args.plot, True, None),
                        ("--plot", str(self.plot_dir / "history.png"), False, None)]
-        for option, given, folder, example in checks:  # (paths shown as the user typed them)
-            problem = None if given is None else output_problem(given, folder=folder)
-            if problem:
-                hint = f"; e.g. {option} {Path(given) / example}" \
-                    if example and Path(given).is_dir() else ""
-                raise UsageError(f"{option} {given}: {problem}{hint}")
+        check_outputs(checks)
         files = [("--save", self.save), ("--checkpoint", self.checkpoint),
                  ("--history", self.history), ("--resume", args.resume),
                  ("--save-best", args.save_best)]
         for (a, path_a), (b, path_b) in itertools.combinations(files, 2):
             if path_a is None or path_b is None or {a, b} == {"--checkpoint", "--resume"}:
                 continue
-            if os.path.realpath(path_a) == os.path.realpath(path_b):
+            if os.path.realpath(path_a) == os.path.realpath(path_b) and \
+                    os.path.realpath(path_a) != os.path.realpath(os.devnull):
                 raise UsageError(f"{a} and {b} both name {path_a}: one would overwrite the "
                                  "other; give them different paths")
 
@@ -422,6 +418,18 @@ class _Outputs:
             self.problems.append(problem)
         else:
             print(f"partrain train: failed: {problem}", file=sys.stderr)
+
+
+def check_outputs(checks) -> None:
+    """Refuse, in one UsageError, the first (option, path or None, is a folder, example file
+    name or None) whose path cannot be written (see `io.output_problem`): a folder given for
+    a file, a device, pipe or socket (never replaced), an unwritable folder."""
+    for option, given, folder, example in checks:  # (paths shown as the user typed them)
+        problem = None if given is None else output_problem(given, folder=folder)
+        if problem:
+            hint = f"; e.g. {option} {Path(given) / example}" \
+                if example and Path(given).is_dir() else ""
+            raise UsageError(f"{option} {given}: {problem}{hint}")
 
 
 def _position(trainer, epochs: int) -> str:
@@ -675,6 +683,8 @@ def cmd_bench(args) -> int:
         from .plots import require_matplotlib
 
         require_matplotlib()
+    check_outputs([(f"--{option}", getattr(args, option), False, None)
+                   for option in ("json", "csv", "plot")])
     report = run_bench([m.replace("_", "-") for m in args.model], args.batch_size, args.n_jobs,
                        args.dtype, args.repeats, args.duration, args.warmup,
                        compare_torch=args.compare == "torch", chunk_size=args.chunk_size,
@@ -705,6 +715,9 @@ def cmd_evaluate(args) -> int:
         from .plots import require_matplotlib
 
         require_matplotlib()
+        check_outputs([("--plot", args.plot, True, None),
+                       *(("--plot", str(Path(args.plot) / name), False, None)
+                         for name in ("recall.png", "confusion.png"))])
     # a checkpoint holds a model too (with its optimizer state, ignored here)
     meta, arrays = read_npz(args.model_file, ("model", "checkpoint"))
     model = model_from_arrays(meta, arrays, args.model_file)
