@@ -328,7 +328,8 @@ class _Outputs:
         for (a, path_a), (b, path_b) in itertools.combinations(files, 2):
             if path_a is None or path_b is None or {a, b} == {"--checkpoint", "--resume"}:
                 continue
-            if os.path.realpath(path_a) == os.path.realpath(path_b):
+            if os.path.realpath(path_a) == os.path.realpath(path_b) and \
+                    os.path.realpath(path_a) != os.path.realpath(os.devnull):
                 raise UsageError(f"{a} and {b} both name {path_a}: one would overwrite the "
                                  "other; give them different paths")
 
@@ -544,13 +545,18 @@ def _check_resume(args, run: dict) -> None:
             given = min(given, _given(args.batch_size, run["batch_size"]))
         if given != run[name]:
             option = "--" + name.replace("_", "-")
-            shown = {True: "on", False: "off", None: "not set"}
-            differ.append(f"{option} {shown.get(given, given)} (checkpoint: "
-                          f"{shown.get(run[name], run[name])})")
+            differ.append(f"{option} {_shown(given)} (checkpoint: {_shown(run[name])})")
     if differ:
         raise UsageError(f"--resume {args.resume} goes on with the checkpoint's run, and these "
                          f"options differ from it: {', '.join(differ)}; leave them out (or "
                          "equal), or drop --resume to start a new run")
+
+
+def _shown(value) -> str:
+    """An option's value as --resume names it: switches as on/off, by type (1 == True)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "not set" if value is None else str(value)
 
 
 class EpochSummary(Callback):
@@ -994,7 +1000,7 @@ def _add_data_options(parser, normalize_default="scale") -> None:
 
 
 def _version() -> str:
-    from . import __version__
+    from .version import __version__
 
     return __version__
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import secrets
+import stat
 import tempfile
 import zipfile
 from pathlib import Path
@@ -17,24 +20,103 @@ class FileFormatError(ValueError):
     """A file exists but is not a valid partrain file of the expected kind."""
 
 
+class NotRegularFileError(OSError):
+    """An output path names something other than a regular file (a device, a pipe, a socket,
+    a folder): partrain never replaces it."""
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def special_file(path: str | os.PathLike) -> str | None:
+    """What `path` names (symbolic links followed) when it exists and is neither a regular
+    file nor the null device, e.g. "a character device"; else None.
+
+    Outputs are written to a temporary file renamed over the target, and a rename replaces
+    whatever the target was: as root, a device or the machine's /dev/null itself. So every
+    writer refuses these targets, except the null device (`os.devnull`, or any node with its
+    device number), which is written through, without a rename, to discard the output.
+    """
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if stat.S_ISREG(info.st_mode) or is_null_device(info):
+        return None
+    return next((kind for test, kind in _KINDS if test(info.st_mode)), "not a regular file")
+
+
+def is_null_device(info: os.stat_result) -> bool:
+    """Whether `info` (from os.stat) is the null device: a character device numbered as
+    `os.devnull` (1:3 on Linux)."""
+    if not stat.S_ISCHR(info.st_mode):
+        return False
+    try:
+        return info.st_rdev == os.stat(os.devnull).st_rdev
+    except OSError:
+        return False
+
+
+def _refuse_special(path: Path) -> None:
+    kind = special_file(path)
+    if kind is not None:
+        raise NotRegularFileError(f"'{path}' is {kind}, not a regular file: partrain does not "
+                                  "replace it")
+
+
+def _exclusive_temp(path: Path) -> tuple[int, Path]:
+    """A new temporary file next to `path`, created exclusively (O_EXCL: a planted file or
+    link of that name is never opened), with the mode a new file gets (0666 minus umask)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+        return fd, tmp
+    raise FileExistsError(f"Could not create a temporary file next to '{path}'.")
+
+
 def _write_atomically(path: Path, write) -> Path:
     """Call `write(binary_file)` on a temporary file in `path`'s folder, then rename it over
-    `path`, so that a crash mid-write leaves the previous file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    `path`, so that a crash mid-write leaves the previous file intact.
+
+    Refused (`NotRegularFileError`), before anything is written, when `path` is a device, a
+    pipe, a socket or a folder; the null device is written through (see `special_file`).
+    """
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
+        null = is_null_device(os.stat(path))
+    except OSError:
+        null = False
+    if null:  # (through a buffer: writers such as zipfile seek, which a device cannot)
+        buffer = io.BytesIO()
+        write(buffer)
+        with open(path, "wb") as f:
+            f.write(buffer.getbuffer())
+        return path
+    _refuse_special(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _exclusive_temp(path)
+    try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        _refuse_special(path)  # (again: it may have become one meanwhile)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_file(path: str | os.PathLike, write) -> Path:
+    """Call `write(binary_file)` to write `path` atomically (see `write_npz`); for writers
+    that take a file object, such as matplotlib's `savefig`."""
+    return _write_atomically(Path(path), write)
 
 
 def write_npz(path: str | os.PathLike, kind: str, meta: dict, arrays: dict) -> Path:
@@ -45,12 +127,12 @@ def write_npz(path: str | os.PathLike, kind: str, meta: dict, arrays: dict) -> P
     """
     header = {"kind": kind, "version": FORMAT_VERSION, **meta}
     payload = {"__meta__": np.array(json.dumps(header)), **arrays}
-    return _write_atomically(Path(path), lambda f: np.savez(f, **payload))
+    return write_file(path, lambda f: np.savez(f, **payload))
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `text` (UTF-8) to `path` atomically, like `write_npz`."""
-    return _write_atomically(Path(path), lambda f: f.write(text.encode()))
+    return write_file(path, lambda f: f.write(text.encode()))
 
 
 def output_problem(path: str | os.PathLike, folder: bool = False) -> str | None:
@@ -58,6 +140,8 @@ def output_problem(path: str | os.PathLike, folder: bool = False) -> str | None:
     or None when it can. Nothing is created: missing folders only have to be creatable.
 
     Checked: the target is not a directory (a file target) or not a file (a folder target);
+    a file target is not a device, pipe or socket (the null device is fine: see
+    `special_file`);
     the nearest existing folder on its way is a folder; that folder is writable (a temporary
     file is created and removed in an existing target folder, which also catches read-only
     mounts; for a folder yet to be created, its existing ancestor is checked with access(2)).
@@ -67,6 +151,11 @@ def output_problem(path: str | os.PathLike, folder: bool = False) -> str | None:
         return "it exists and is not a folder"
     if not folder and path.is_dir():
         return "it is a folder, not a file name"
+    if not folder and (kind := special_file(path)):
+        return (f"it is {kind}, not a regular file, and partrain does not replace it; give "
+                "the path of a file (or /dev/null to discard the output)")
+    if not folder and path.exists() and is_null_device(os.stat(path)):
+        return None if os.access(path, os.W_OK) else f"'{path}' is not writable"
     target = path if folder else path.parent
     existing = target
     while not existing.exists() and existing != existing.parent:

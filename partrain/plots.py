@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import write_file
+
 
 def _pyplot():
     try:
@@ -92,9 +94,10 @@ def plot_recall(recall: np.ndarray, class_names, path: str | Path,
 
 def _save(fig, plt, path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:  # atomically, and never over a device (see io.special_file)
+        write_file(path, lambda f: fig.savefig(f, format=path.suffix[1:].lower() or "png", dpi=110))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -29,11 +29,13 @@ Claims are per machine: runs on two hosts sharing a network folder may not see e
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import shlex
 import socket
+import stat
 import sys
 import time
 import weakref
@@ -46,6 +48,10 @@ class CheckpointInUseError(RuntimeError):
     def __init__(self, message: str, owner: dict):
         super().__init__(message)
         self.owner = owner
+
+
+class UnsafeLockFileError(OSError):
+    """The sidecar lock file is a symbolic link, a hard link or not a regular file."""
 
 
 def claim_file(path: str | os.PathLike) -> Path:
@@ -68,7 +74,8 @@ class CheckpointClaim:
     CheckpointInUseError
         A live run (another process, or another claim in this one) holds `path`.
     OSError
-        The sidecar cannot be created (e.g. the folder is not writable).
+        The sidecar cannot be created (e.g. the folder is not writable); `UnsafeLockFileError`
+        when it is a symbolic link, a hard link or not a regular file (never followed).
 
     Examples
     --------
@@ -128,10 +135,34 @@ def _same_path(a: Path, b: Path) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _open_sidecar(lock_path: Path, path: Path) -> int:
+    """Open (or create) the sidecar without following a symbolic link, and only if it is a
+    regular file of at most one link: a planted link would have partrain truncate and fill
+    another file. As SQLite and OpenSSH do, refuse rather than follow."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NOCTTY
+                     | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        fd, what = None, "a symbolic link"
+    else:  # (0 links: its owner has just removed it, and `_lock` starts again)
+        info = os.fstat(fd)
+        what = "not a regular file" if not stat.S_ISREG(info.st_mode) else \
+            f"a file with {info.st_nlink} hard links" if info.st_nlink > 1 else None
+    if what is None:
+        return fd
+    if fd is not None:
+        os.close(fd)
+    raise UnsafeLockFileError(f"The lock file {lock_path} of checkpoint '{path}' is {what}: "
+                              "partrain neither follows nor writes into it; remove it and run "
+                              "again.")
+
+
 def _lock(lock_path: Path, path: Path, owner: dict) -> int:
     """Open, lock and fill the sidecar; return its descriptor (close-on-exec, as Python's are)."""
     for _ in range(100):
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_sidecar(lock_path, path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
