@@ -19,7 +19,8 @@ try:
     from .layers import Context
     from .model import Sequential, load
     from .parallel import ParallelismWarning
-    from .trainer import NonFiniteLossError, Trainer, TrainingInterrupted
+    from .signals import TrainingInterrupted
+    from .trainer import NonFiniteLossError, Trainer
     from .version import __version__
 
     if _started_as_command():

@@ -454,3 +454,30 @@ class ReduceLROnPlateau(Callback):
         self.cooldown_counter = int(state["cooldown_counter"])
         self.reductions = int(state["reductions"])
         self._resumed = True
+
+
+class EpochSummary(Callback):
+    """One line per epoch: train loss/accuracy, validation loss/accuracy, speed, time; before
+    the first epoch of a fit, one line with the start-up time (not counted in ex/s)."""
+
+    def __init__(self, total_epochs: int, quiet: bool):
+        self.total, self.quiet = total_epochs, quiet
+        self.first = True
+
+    def on_train_begin(self, trainer):
+        self.first = True
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if self.quiet:
+            return
+        from tqdm.auto import tqdm
+
+        if self.first and "startup_s" in logs:
+            tqdm.write(f"start-up {logs['startup_s']:.2f} s (engine, data and worker "
+                       "processes; not counted in the ex/s below)")
+        self.first = False
+        val = "" if "val_loss" not in logs else \
+            f"  val_loss {logs['val_loss']:.4f}  val_acc {logs['val_accuracy']:.4f}"
+        tqdm.write(f"epoch {epoch + 1:>3}/{self.total}  loss {logs['loss']:.4f}  "
+                   f"acc {logs['accuracy']:.4f}{val}  {logs['examples_per_s']:,.0f} ex/s  "
+                   f"{logs['epoch_time_s']:.1f} s")

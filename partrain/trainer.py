@@ -11,8 +11,6 @@ import contextlib
 import inspect
 import math
 import os
-import signal
-import threading
 import time
 import weakref
 from pathlib import Path
@@ -35,20 +33,14 @@ from .optim import (
 )
 from .parallel import BACKENDS, make_engine, plan_processes, resolve_n_jobs, warn_parallelism
 from .runlock import CheckpointClaim
+from .signals import SignalGate
 
 SHUFFLE_STREAM, STEP_STREAM = 0, 1  # first key element: which kind of random draw
+DEFAULT_VALIDATION_SPLIT = 0.1  # the share `partrain train` and the scripts hold out for val_*
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the update was not applied."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT (Ctrl-C) or SIGTERM stopped training; the state is that of the last step."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"training interrupted by {signal.Signals(signum).name}")
-        self.signum = signum
 
 
 def _positive(name: str, value, allow_none: bool = False):
@@ -167,7 +159,7 @@ class Trainer:
         self.checkpoint_claim: CheckpointClaim | None = None
         self._engine = None
         self._engine_finalizer = None
-        self._guard = _InterruptGuard()
+        self._guard = SignalGate()  # Ctrl-C/SIGTERM acted on at safe points
         self._grad: np.ndarray | None = None  # the step's gradient buffer, during a session
         self._shuffle = True
         self._callbacks: list[Callback] | None = None  # those of the current (or last) fit
@@ -318,7 +310,7 @@ class Trainer:
         if len(X) == 0:
             raise ValueError("`X` must hold at least one training example, got 0.")
         X, y = np.ascontiguousarray(X), np.ascontiguousarray(y)
-        with self._guard, self._checkpoint_claimed(), self._blas_limit():
+        with self._guard.installed_and_held(), self._checkpoint_claimed(), self._blas_limit():
             try:
                 self._grad = np.empty_like(self.model.params)
                 t0 = time.perf_counter()
@@ -632,48 +624,6 @@ def _as_schedule(lr_schedule):
         f"`lr_schedule` must be None, 'constant', a decay rate, an optim schedule or a "
         f"function epoch -> lr, got {lr_schedule!r}."
     )
-
-
-class _InterruptGuard:
-    """While active, SIGINT and SIGTERM are only recorded; `check()` raises
-    TrainingInterrupted at the safe points where the trainer and the engines call it.
-
-    Raising from the handler itself could interrupt any line, including a lock acquisition
-    inside the process pool's bookkeeping (a deadlock seen with loky's manager thread), or an
-    optimizer update half applied. A signal recorded but not yet checked when the guard ends
-    is raised then. The guard stands in for the default or Python handlers in place (the
-    command line's, say) and gives them back after; signals the process ignores (e.g. SIGINT
-    of a background job) stay ignored; outside the main thread nothing is installed.
-    """
-
-    def __init__(self):
-        self.pending: int | None = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> _InterruptGuard:
-        self.pending = None
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                handler = signal.getsignal(signum)
-                if handler is signal.SIG_DFL or callable(handler):  # not ignored, not C-level
-                    self._previous[signum] = signal.signal(signum, self._record)
-        return self
-
-    def __exit__(self, exc_type, *exc_info) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-        if exc_type is None:
-            self.check()
-
-    def _record(self, signum, frame) -> None:
-        self.pending = signum
-
-    def check(self) -> None:
-        """Raise TrainingInterrupted if a signal came since the guard was entered."""
-        if self.pending is not None:
-            signum, self.pending = self.pending, None
-            raise TrainingInterrupted(signum)
 
 
 def _postfix(logs: dict) -> dict:

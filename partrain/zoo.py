@@ -5,6 +5,15 @@ from __future__ import annotations
 from .layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
 from .model import Sequential
 
+# The reference set-ups by network: dataset, epochs, batch size, learning rate (and decay), as
+# the tutorials train them; `partrain train` and the training scripts start from these.
+TRAINING_DEFAULTS = {
+    "digits-cnn": {"dataset": "digits", "epochs": 10, "batch_size": 32, "lr": 3e-3},
+    "signs-cnn": {"dataset": "signs", "epochs": 20, "batch_size": 64, "lr": 1e-3},
+    "mnist-cnn": {"dataset": "mnist", "epochs": 2, "batch_size": 32, "lr": 1e-3},
+    "mlp": {"dataset": "mnist", "epochs": 10, "batch_size": 64, "lr": 1e-3, "lr_decay": 0.01},
+}
+
 
 def signs_cnn(seed: int = 0, dtype="float32", n_classes: int = 6) -> Sequential:
     """SIGNS hand signs, 64x64x3 -> 6 classes (or `n_classes`).

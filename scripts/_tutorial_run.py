@@ -13,8 +13,8 @@ import time
 import numpy as np
 
 from partrain import Sequential, Trainer, optim
-from partrain.cli import DEFAULT_VALIDATION_SPLIT, EpochSummary
-from partrain.trainer import validation_split_point
+from partrain.callbacks import EpochSummary
+from partrain.trainer import DEFAULT_VALIDATION_SPLIT, validation_split_point
 
 LOAD_ERRORS = (OSError, ValueError, ImportError)  # reported in one line, exit status 2
 

@@ -28,11 +28,11 @@ from _tutorial_run import (
 )
 
 from partrain import zoo
-from partrain.cli import MODEL_DEFAULTS
 from partrain.data import load_dataset
 from partrain.trainer import validation_split_point
+from partrain.zoo import TRAINING_DEFAULTS
 
-DEFAULTS = MODEL_DEFAULTS["mlp"]  # batch 64, lr 1e-3, decay 0.01, 10 epochs
+DEFAULTS = TRAINING_DEFAULTS["mlp"]  # batch 64, lr 1e-3, decay 0.01, 10 epochs
 EXPECTED = 0.96  # the assignment: "> 96% for both test and train"
 
 

@@ -44,10 +44,10 @@ from _tutorial_run import (
 )
 
 from partrain import Sequential, optim, zoo
-from partrain.cli import MODEL_DEFAULTS
 from partrain.data import load_dataset
+from partrain.zoo import TRAINING_DEFAULTS
 
-DEFAULTS = MODEL_DEFAULTS["mnist-cnn"]  # 2 epochs, batch 32, lr 1e-3: the tutorial's
+DEFAULTS = TRAINING_DEFAULTS["mnist-cnn"]  # 2 epochs, batch 32, lr 1e-3: the tutorial's
 TUTORIAL = ("the tutorial reports about 98% test accuracy after 2 epochs, and about 5 hours "
             "of training on a laptop")
 # What each set-up chooses; --adam/--init/--normalize/--lr/--betas override one part.

@@ -30,11 +30,11 @@ from _tutorial_run import (
 )
 
 from partrain import zoo
-from partrain.cli import MODEL_DEFAULTS
 from partrain.data import load_signs_file
 from partrain.trainer import validation_split_point
+from partrain.zoo import TRAINING_DEFAULTS
 
-DEFAULTS = MODEL_DEFAULTS["signs-cnn"]  # epochs 20, batch 64, lr 1e-3: the tutorial's
+DEFAULTS = TRAINING_DEFAULTS["signs-cnn"]  # epochs 20, batch 64, lr 1e-3: the tutorial's
 
 
 def parse_args(argv=None) -> argparse.Namespace:

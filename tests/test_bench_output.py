@@ -10,7 +10,7 @@ import pytest
 
 from partrain.bench import format_table, parallel_efficiency
 
-COMMITTED = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "bench.json"
+COMMITTED = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "bench.json"
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ def test_scaling_plot_keeps_colours_marks_ceiling_and_ideal_and_warns(figures, t
 
     from partrain.plots import plot_scaling
 
-    report = json.loads((Path(__file__).resolve().parents[1] / "scripts" / "bench" /
+    report = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" /
                          "bench.json").read_text())
     report["warnings"] = ["the machine was busy: load average 1.90 before the run (> 0.5)"]
     plot_scaling(report, tmp_path / "s.png")
