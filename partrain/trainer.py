@@ -183,6 +183,11 @@ class Trainer:
             self._engine_finalizer = weakref.finalize(self, self._engine.close)
         return self._engine
 
+    @property
+    def engine_started(self) -> bool:
+        """Whether an engine (with its worker processes, if any) is running now."""
+        return self._engine is not None
+
     def close(self, kill: bool = False) -> None:
         """Shut the workers down and free shared memory; the model keeps its parameters."""
         if self._engine is not None:

@@ -10,7 +10,7 @@ import os
 import re
 
 import pytest
-from test_cli import PNG_MAGIC, assert_ok, assert_usage_error, run_partrain, subprocess_env
+from conftest import PNG_MAGIC, assert_ok, assert_usage_error, run_partrain, subprocess_env
 
 from partrain import zoo
 

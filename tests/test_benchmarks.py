@@ -2,23 +2,15 @@
 their errors."""
 
 import json
-import subprocess
-import sys
-import time
 
 import pytest
-from test_cli import ROOT, assert_ok, subprocess_env
+from conftest import ROOT, assert_ok, run_python
 
 TOOLS = ROOT / "benchmarks"
 
 
 def run_tool(name: str, *args, cwd, timeout: float = 180):
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(TOOLS / name), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, env=subprocess_env())
-    proc.elapsed = time.perf_counter() - start
-    return proc
-
+    return run_python(TOOLS / name, *args, cwd=cwd, timeout=timeout)
 
 def test_optimizer_placement_help(tmp_path):
     proc = run_tool("optimizer_placement.py", "--help", cwd=tmp_path)

@@ -12,7 +12,8 @@ import math
 
 import numpy as np
 import pytest
-import test_trainer as tt
+from faulty_layers import InterruptAt
+from training_runs import reference, setup
 
 import partrain
 from partrain import Callback, Trainer, optim, zoo
@@ -210,7 +211,7 @@ def test_reduce_lr_on_plateau_multiplies_the_schedule():
 
 def test_model_checkpoint_keeps_the_best_model(tmp_path):
     """The file holds the model of the epoch with the lowest val_loss, not the last one."""
-    model, X, y, validation, kwargs = tt.setup("mlp")
+    model, X, y, validation, kwargs = setup("mlp")
     trainer = Trainer(model, optim.Adam(0.01), **kwargs)
     snapshots = Snapshots()
     best = tmp_path / "best.npz"
@@ -242,7 +243,7 @@ def read_csv(path, drop=TIMING):
 
 
 def test_csv_logger_writes_one_row_per_epoch_with_every_history_key(tmp_path):
-    model, X, y, validation, kwargs = tt.setup("mlp")
+    model, X, y, validation, kwargs = setup("mlp")
     path = tmp_path / "log.csv"
     history = Trainer(model, **kwargs).fit(X, y, epochs=3, validation_data=validation,
                                            callbacks=[CSVLogger(path)]).history
@@ -275,7 +276,7 @@ def test_csv_logger_resumes_from_the_checkpoint_epoch(tmp_path):
 
     runs = {}
     for name in ("full", "cut"):
-        model, X, y, validation, kwargs = tt.setup("mlp_dropout")
+        model, X, y, validation, kwargs = setup("mlp_dropout")
         trainer = Trainer(model, **kwargs)
         extra = [CopyCheckpointAt()] if name == "cut" else []
         trainer.fit(X, y, epochs=3, validation_data=validation,
@@ -303,7 +304,7 @@ def test_a_resumed_run_stops_logs_saves_and_reduces_as_the_uninterrupted_one(tmp
     resuming with fresh callbacks gives the uninterrupted run's parameters, history, lr,
     stopping epoch, best model and CSV rows, bit for bit. (Measured: val_loss stops
     improving after epoch 2; lr halves from epoch 4; stop after epoch 4.)"""
-    model, X, y, _, kwargs = tt.setup("mlp_dropout")
+    model, X, y, _, kwargs = setup("mlp_dropout")
     full = Trainer(model, optim.Adam(0.01), **kwargs)
     full_cbs = callbacks_of(tmp_path, "full")
     snapshots = Snapshots()
@@ -311,12 +312,12 @@ def test_a_resumed_run_stops_logs_saves_and_reduces_as_the_uninterrupted_one(tmp
     assert full_cbs[0].stopped_epoch == 4 and full.epoch == 5
     assert full.history.history["lr"][-1] < full.history.history["lr"][0]
 
-    model, X, y, _, kwargs = tt.setup("mlp_dropout")
+    model, X, y, _, kwargs = setup("mlp_dropout")
     checkpoint = tmp_path / "ck.npz"
     cut = Trainer(model, optim.Adam(0.01), checkpoint=checkpoint, **kwargs)
     with pytest.raises(KeyboardInterrupt):
         cut.fit(X, y, epochs=10, validation_split=0.25,
-                callbacks=[*callbacks_of(tmp_path, "cut"), tt.InterruptAt(4, 1)])
+                callbacks=[*callbacks_of(tmp_path, "cut"), InterruptAt(4, 1)])
     resumed = Trainer.from_checkpoint(checkpoint, progress=False, checkpoint=checkpoint)
     assert (resumed.epoch, resumed.step_in_epoch) == (4, 2)
     cbs = callbacks_of(tmp_path, "cut")
@@ -363,11 +364,11 @@ def test_lr_schedule_function_and_resume(tmp_path):
     def halving(epoch):
         return 0.2 * 0.5 ** epoch
 
-    model, X, y, validation, kwargs = tt.setup("mlp")
+    model, X, y, validation, kwargs = setup("mlp")
     full = Trainer(model, optim.SGD(0.1), lr_schedule=halving, **kwargs)
     full.fit(X, y, epochs=3)
     assert full.history.history["lr"] == [0.2, 0.1, 0.05]
-    model, X, y, validation, kwargs = tt.setup("mlp")
+    model, X, y, validation, kwargs = setup("mlp")
     part = Trainer(model, optim.SGD(0.1), lr_schedule=halving, **kwargs)
     part.fit(X, y, epochs=1)
     part.save_checkpoint(tmp_path / "ck.npz")
@@ -406,7 +407,7 @@ def test_validation_split_holds_out_the_last_fraction_as_keras():
     the last 40 (floor(160 * 0.75)), before any shuffling."""
     results = []
     for split in (True, False):
-        model, X, y, _, kwargs = tt.setup("mlp_dropout")
+        model, X, y, _, kwargs = setup("mlp_dropout")
         trainer = Trainer(model, **kwargs)
         if split:
             history = trainer.fit(X, y, epochs=2, validation_split=0.25)
@@ -418,11 +419,11 @@ def test_validation_split_holds_out_the_last_fraction_as_keras():
 
 
 def test_validation_data_wins_over_validation_split():
-    model, X, y, validation, kwargs = tt.setup("mlp")
+    model, X, y, validation, kwargs = setup("mlp")
     history = Trainer(model, **kwargs).fit(X, y, epochs=1, validation_data=validation,
                                            validation_split=0.5)
     assert history.history["val_loss"] == [model.evaluate(*validation)[0]]
-    np.testing.assert_array_equal(model.params, tt.reference("mlp", epochs=1).params)
+    np.testing.assert_array_equal(model.params, reference("mlp", epochs=1).params)
 
 
 @pytest.mark.parametrize("split, match", [(1.0, r"\[0, 1\)"), (-0.1, r"\[0, 1\)"),
@@ -446,7 +447,7 @@ def test_history_epoch_lists_the_epoch_indices_as_keras():
 def test_startup_is_reported_apart_from_the_first_epoch():
     """n_jobs=2: starting the worker takes time (a new Python process) that goes to
     startup_s, not into epoch 1's time and examples/s; later epochs have none."""
-    model, X, y, validation, kwargs = tt.setup("mlp_dropout")
+    model, X, y, validation, kwargs = setup("mlp_dropout")
     with Trainer(model, n_jobs=2, **kwargs) as trainer:
         history = trainer.fit(X, y, epochs=2, validation_data=validation).history
     assert history["startup_s"][0] > 0.05, history["startup_s"]  # spawning a process
@@ -456,7 +457,7 @@ def test_startup_is_reported_apart_from_the_first_epoch():
 
 
 def test_the_progress_bar_ends_with_the_validation_metrics(capsys):
-    model, X, y, validation, kwargs = tt.setup("mlp")
+    model, X, y, validation, kwargs = setup("mlp")
     kwargs["progress"] = True
     Trainer(model, **kwargs).fit(X, y, epochs=1, validation_data=validation)
     last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]

@@ -4,11 +4,10 @@ in test_cli_safety.py."""
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cli import subprocess_env
+from conftest import start_holder, subprocess_env
 
 from partrain import Trainer, zoo
 from partrain.data import load_dataset
@@ -20,32 +19,6 @@ from partrain.runlock import CheckpointClaim, CheckpointInUseError, claim_file
 def data():
     d = load_dataset("synthetic", shape=(8, 8, 1), n_train=64, n_test=32)
     return d.x_train, d.y_train
-
-
-HOLDER = """
-import sys
-from partrain import Callback, Trainer, zoo
-from partrain.data import load_dataset
-
-class Wait(Callback):
-    def on_train_begin(self, trainer):
-        print("claimed", flush=True)
-        sys.stdin.readline()
-
-data = load_dataset("synthetic", shape=(8, 8, 1))
-with Trainer(zoo.digits_cnn(), checkpoint=sys.argv[1], progress=False) as trainer:
-    trainer.fit(data.x_train[:64], data.y_train[:64], epochs=1, callbacks=[Wait()])
-print("done", flush=True)
-"""
-
-
-def start_holder(checkpoint: Path, cwd: Path) -> subprocess.Popen:
-    """A Python process whose Trainer holds `checkpoint` (inside fit) until told to go on."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(checkpoint)], cwd=cwd,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env=subprocess_env())
-    assert holder.stdout.readline().strip() == "claimed"
-    return holder
 
 
 def make_trainer(checkpoint=None):

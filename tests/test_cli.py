@@ -2,66 +2,23 @@
 checkpoint/resume), evaluate, gradcheck, --help, and one-line usage errors (exit status 2)."""
 
 import json
-import os
 import re
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import (
+    MNIST_FILES,
+    PNG_MAGIC,
+    assert_ok,
+    assert_usage_error,
+    run_partrain,
+    subprocess_env,
+)
 
 import partrain
 from partrain.data import load_dataset
-
-ROOT = Path(__file__).resolve().parents[1]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-
-
-def subprocess_env() -> dict:
-    """The environment of every subprocess: this checkout's partrain first on the path, and
-    every HTTP(S) request sent to a closed local port so that no test can download anything."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    for key in ("no_proxy", "NO_PROXY"):
-        env.pop(key, None)
-    for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy",
-                "ALL_PROXY"):
-        env[key] = "http://127.0.0.1:9"
-    env["PYTHONWARNINGS"] = "ignore"  # e.g. a DeprecationWarning must not count as an error line
-    return env
-
-
-def run_partrain(*args, cwd, timeout: float = 180, env: dict | None = None):
-    """`python -m partrain ARGS` in `cwd`; the CompletedProcess (text) with `.elapsed` set."""
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "partrain", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout,
-                          env=env or subprocess_env())
-    proc.elapsed = time.perf_counter() - start
-    return proc
-
-
-def assert_ok(proc) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n" \
-                                 f"{proc.stderr}"
-
-
-def assert_usage_error(proc, *needles: str) -> str:
-    """Exit status 2, exactly one non-empty line on stderr, no traceback, every needle in it."""
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, (f"exit {proc.returncode}, expected 2\nstdout:\n{proc.stdout}"
-                                  f"\nstderr:\n{proc.stderr}")
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert len(lines) == 1, f"expected ONE line on stderr, got {len(lines)}:\n{proc.stderr}"
-    message = lines[0]
-    assert message.startswith("partrain"), message
-    for needle in needles:
-        assert needle.lower() in message.lower(), f"{needle!r} not in: {message}"
-    return message
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_checkpoints import start_holder
-from test_cli import assert_ok, assert_usage_error, run_partrain, subprocess_env
+from conftest import assert_ok, assert_usage_error, run_partrain, start_holder, subprocess_env
 
 import partrain
 from partrain import Trainer, cli

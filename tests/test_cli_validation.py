@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cli import assert_ok, assert_usage_error, run_partrain
+from conftest import assert_ok, assert_usage_error, run_partrain
 
 import partrain
 from partrain import zoo

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_data
 from faulty_layers import (
     BAD_MESSAGE,
     SENTINEL,
@@ -108,13 +109,6 @@ def mlp_batchnorm():
     """An MLP with batch norm (per-chunk statistics travel back) and dropout."""
     return Sequential([Flatten(), Dense(16), BatchNorm(), ReLU(), Dropout(0.2), Dense(10)],
                       (64,), seed=0)
-
-
-def make_data(model, m, seed=1):
-    """`m` random examples in [0, 1) of `model`'s input shape and dtype, random labels."""
-    rng = np.random.default_rng(seed)
-    X = rng.random((m, *model.input_shape)).astype(model.dtype)
-    return X, rng.integers(0, model.n_classes, size=m)
 
 
 def train(make_model, n=150, epochs=2, callbacks=(), poisoned=(), **options):
@@ -390,7 +384,7 @@ def test_lost_scheduler_ends_fit_with_one_line_and_the_last_checkpoint(tmp_path)
             trainer.fit(X, y, epochs=1, callbacks=[KillProcessAt(scheduler, step=1)])
         message = str(info.value)
         assert "\n" not in message and f"Dask scheduler at {address}" in message, message
-        assert trainer._engine is None
+        assert not trainer.engine_started
         meta, arrays = read_npz(checkpoint, "checkpoint")
         assert (meta["epoch"], meta["step_in_epoch"]) == (0, trainer.step_in_epoch)
         assert 2 <= trainer.step_in_epoch < 4
@@ -446,7 +440,7 @@ def test_exception_in_a_task_keeps_its_type_and_training_can_go_on(client, trans
             trainer.fit(poisoned, y, epochs=1, shuffle=False)
         assert type(info.value) is ValueError and str(info.value) == BAD_MESSAGE
         if "backend" in options:
-            assert trainer._engine is None
+            assert not trainer.engine_started
             cause = info.value.__cause__
             assert isinstance(cause, dask_engine.RemoteTraceback)
             assert "RaiseOnSentinel" in str(cause) or "forward" in str(cause)
@@ -468,7 +462,7 @@ def test_step_timeout_raises_worker_crash_error_with_a_checkpoint(client, tmp_pa
                       backend_options={"step_timeout": 1e-9})
     with pytest.raises(WorkerCrashError, match="step_timeout"):
         trainer.fit(X, y, epochs=1)
-    assert trainer._engine is None
+    assert not trainer.engine_started
     meta, _ = read_npz(checkpoint, "checkpoint")
     assert (meta["epoch"], meta["step_in_epoch"]) == (0, 0)
 
@@ -484,7 +478,7 @@ def test_unreachable_scheduler_fails_fast_naming_the_address():
     with pytest.raises(ConnectionError, match=r"scheduler at 'tcp://127\.0\.0\.1:1'"):
         trainer.fit(X, y)
     assert time.monotonic() - t0 < 1.0 + 4.0
-    assert trainer._engine is None
+    assert not trainer.engine_started
 
 
 def test_bad_scheduler_argument_is_named():

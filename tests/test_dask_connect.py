@@ -14,7 +14,7 @@ import sys
 import threading
 
 import pytest
-from test_cli import assert_usage_error, run_partrain, subprocess_env
+from conftest import assert_usage_error, run_partrain, subprocess_env
 
 pytest.importorskip(
     "distributed", reason="backend='dask' needs dask[distributed] (pip install 'partrain[dask]')")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_ok, run_partrain
 from faulty_layers import descendants
-from test_cli import assert_ok, run_partrain
 
 from partrain import ParallelismWarning, Trainer, zoo
 from partrain.chunks import SerialEngine

@@ -15,7 +15,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from test_cli import assert_ok, assert_usage_error, run_partrain
+from conftest import assert_ok, assert_usage_error, run_partrain
 
 from partrain import io, zoo
 from partrain.runlock import CheckpointClaim, UnsafeLockFileError, claim_file

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cli import assert_ok, run_partrain
+from conftest import assert_ok, run_partrain
 
 from partrain import Sequential, gradcheck, zoo
 from partrain.layers import Dense, ReLU, register_layer

@@ -5,7 +5,7 @@ else in the working directory, with exit status 1 and one line saying where."""
 import json
 
 import pytest
-from test_cli import assert_ok, assert_usage_error, run_partrain
+from conftest import assert_ok, assert_usage_error, run_partrain
 
 from partrain import bench, cli
 

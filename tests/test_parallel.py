@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import make_data
 from faulty_layers import blas_report, shm_segments, wait_gone
 from joblib import cpu_count
 
@@ -30,13 +31,6 @@ STEP_KEY = (0, 1, 0, 3)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def make_data(model, m, seed=0):
-    """`m` random examples of `model`'s input shape and dtype, with random labels."""
-    rng = np.random.default_rng(seed)
-    X = rng.random((m, *model.input_shape)).astype(model.dtype)
-    return X, rng.integers(0, model.n_classes, size=m)
 
 
 def serial_gradient(model, X, y, batch_idx, chunk_size, step_key=STEP_KEY):

@@ -8,8 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
-from test_cli import subprocess_env
-from test_scripts import SCRIPTS
+from conftest import ROOT, subprocess_env
 
 from partrain import ParallelismWarning, Trainer, parallel, zoo
 
@@ -84,7 +83,7 @@ def test_training_scripts_take_chunk_size(chunk, warned, tmp_path):
              x_test=rng.integers(0, 256, (32, 28, 28), dtype=np.uint8),
              y_test=np.arange(32) % 10)
     env = {**subprocess_env(), "PYTHONWARNINGS": "default"}
-    proc = subprocess.run([sys.executable, str(SCRIPTS / "train_mnist.py"), "--dataset",
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_mnist.py"), "--dataset",
                            f"npz:{data}", "--epochs", "1", "--n-jobs", "2", "--chunk-size",
                            str(chunk), "--quiet"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=180, env=env)

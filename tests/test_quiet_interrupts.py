@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli import assert_ok, assert_usage_error, run_partrain, subprocess_env
+from conftest import assert_ok, assert_usage_error, run_partrain, subprocess_env
 
 SCRIPT = Path(sys.executable).parent / "partrain"
 SLOW_IMPORT = '''

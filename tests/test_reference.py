@@ -17,6 +17,7 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import make_data
 from faulty_layers import InterruptAt
 from reference_trainer import (
     RECORDS,
@@ -63,18 +64,11 @@ CONFIGS = {
 OPTIMIZERS = {"adam": (optim.Adam, HandAdam), "sgd": (optim.SGD, HandSGD)}
 
 
-def make_data(model, m, seed=0):
-    """`m` standard-normal examples of `model`'s input shape and dtype, random labels."""
-    rng = np.random.default_rng(seed)
-    X = rng.normal(size=(m, *model.input_shape)).astype(model.dtype)
-    return X, rng.integers(0, model.n_classes, size=m)
-
-
 def new_run(config, **options):
     """(trainer of a fresh model, X, y) for `config`; `options` go to Trainer."""
     make_model, n, batch_size, chunk_size, (name, hyper), decay = CONFIGS[config]
     model = make_model()
-    X, y = make_data(model, n)
+    X, y = make_data(model, n, normal=True)
     trainer = Trainer(model, OPTIMIZERS[name][0](**hyper), batch_size=batch_size,
                       chunk_size=chunk_size, seed=SEED, lr_schedule=decay, progress=False,
                       **options)
@@ -85,7 +79,7 @@ def reference(config, epochs=EPOCHS):
     """The reference run of `config` from a fresh model of the same architecture and seed."""
     make_model, n, batch_size, chunk_size, (name, hyper), decay = CONFIGS[config]
     model = make_model()
-    X, y = make_data(model, n)
+    X, y = make_data(model, n, normal=True)
     return reference_fit(model, X, y, epochs=epochs, batch_size=batch_size,
                          chunk_size=chunk_size, seed=SEED, optimizer=OPTIMIZERS[name][1](**hyper),
                          lr_decay=decay or 0.0)
@@ -278,7 +272,7 @@ def test_a_short_last_batch_is_averaged_over_its_own_length():
     """SGD without momentum moves by lr times the mean gradient of each batch: over 10
     examples for the full batches, over 6 (not 10) for the last one."""
     model = Sequential([Dense(6), ReLU(), Dense(3)], (5,), seed=1, dtype="float64")
-    X, y = make_data(model, 26, seed=3)
+    X, y = make_data(model, 26, seed=3, normal=True)
     lr, after = 0.1, [model.params.copy()]
 
     class Keep(Callback):

@@ -1,14 +1,11 @@
 """The example scripts in scripts/: --help, a short real run of each, their errors."""
 
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cli import MNIST_FILES, ROOT, assert_ok, subprocess_env
+from conftest import MNIST_FILES, ROOT, assert_ok, run_python
 
 import partrain
 
@@ -27,12 +24,7 @@ HELP = {
 
 
 def run_script(name: str, *args, cwd, timeout: float = 180):
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, env=subprocess_env())
-    proc.elapsed = time.perf_counter() - start
-    return proc
-
+    return run_python(SCRIPTS / name, *args, cwd=cwd, timeout=timeout)
 
 def _require(path: Path) -> None:
     if not path.is_file():

@@ -1,7 +1,6 @@
 """Tests of ``partrain.Trainer``: identical results for any n_jobs, optimizer and history,
 resuming, faults (dead or failing workers, NaN, signals), checkpoints and argument errors."""
 
-import functools
 import os
 import re
 import select
@@ -11,10 +10,10 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pytest
+from conftest import make_data
 from faulty_layers import (
     BAD_MESSAGE,
     SENTINEL,
@@ -27,6 +26,7 @@ from faulty_layers import (
     wait_gone,
 )
 from train_worker_script import make_run
+from training_runs import Result, assert_same_run, reference, setup, train
 
 from partrain import (
     Callback,
@@ -46,74 +46,6 @@ from partrain.loky_engine import LokyEngine
 
 HERE = Path(__file__).parent
 SCRIPT = HERE / "train_worker_script.py"
-
-CONFIGS = {  # model, examples, batch size, chunk size (None: the default)
-    "cnn": (zoo.digits_cnn, 160, 64, 16),
-    "mlp": (lambda: zoo.mlp(dims=(64, 32, 10)), 160, 32, 8),
-    "mlp_dropout": (lambda: zoo.mlp(dims=(64, 32, 10), dropout=0.3), 160, 32, 8),
-    "ragged": (lambda: zoo.mlp(dims=(64, 32, 10), dropout=0.3), 230, 50, 8),
-    "batchnorm": (lambda: zoo.mlp(dims=(64, 32, 10), batchnorm=True, dropout=0.2), 160, 40, 10),
-}
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def make_data(model, m, seed=0):
-    """`m` random examples in [0, 1) of `model`'s input shape and dtype, random labels."""
-    rng = np.random.default_rng(seed)
-    X = rng.random((m, *model.input_shape)).astype(model.dtype)
-    return X, rng.integers(0, model.n_classes, size=m)
-
-
-def setup(config, seed=0):
-    """(model, X, y, validation pair, trainer kwargs) of a named configuration."""
-    make_model, n, batch_size, chunk_size = CONFIGS[config]
-    model = make_model()
-    X, y = make_data(model, n, seed=1)
-    kwargs = {"batch_size": batch_size, "chunk_size": chunk_size, "seed": seed,
-              "progress": False}
-    return model, X, y, make_data(model, 40, seed=2), kwargs
-
-
-class Result(NamedTuple):
-    """What a training run leaves behind."""
-
-    params: np.ndarray
-    buffers: np.ndarray
-    history: dict
-    n_workers: int
-
-
-def train(config, n_jobs=1, epochs=2, seed=0, callbacks=(), **options) -> Result:
-    """Train a fresh model of `config` with validation data; return its final state."""
-    model, X, y, validation, kwargs = setup(config, seed)
-    initial = model.params.copy()
-    segments = shm_segments(os.getpid())
-    with Trainer(model, n_jobs=n_jobs, **kwargs, **options) as trainer:
-        trainer.fit(X, y, epochs=epochs, validation_data=validation, callbacks=callbacks)
-        n_workers = len(trainer.engine.worker_pids())
-        in_training = model.params.copy()
-    assert trainer.model is model
-    assert shm_segments(os.getpid()) <= segments
-    np.testing.assert_array_equal(model.params, in_training)  # close() keeps the values
-    assert not np.array_equal(model.params, initial)
-    return Result(model.params.copy(), model.buffers.copy(), trainer.history.history, n_workers)
-
-
-@functools.cache
-def reference(config, epochs=2) -> Result:
-    """The undisturbed n_jobs=1 run of `config` (cached: tests must not modify it)."""
-    return train(config, n_jobs=1, epochs=epochs)
-
-
-def assert_same_run(got: Result, expected: Result):
-    """Bit-identical parameters, buffers and per-epoch metrics."""
-    np.testing.assert_array_equal(got.params, expected.params)
-    np.testing.assert_array_equal(got.buffers, expected.buffers)
-    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
-        assert got.history[key] == expected.history[key], key
-
 
 class KillWorkerAt(Callback):
     """SIGKILL the first worker after step `step` of epoch `epoch`; wait until it is dead."""
@@ -330,7 +262,7 @@ def test_workers_that_keep_dying_raise_worker_crash_error(tmp_path):
             pytest.raises(WorkerCrashError, match="died"):
         trainer.fit(poisoned(X, 70), y, epochs=2, shuffle=False, callbacks=[recorder])
     assert len([w for w in warned if "worker died" in str(w.message)]) == 1  # 1 restart
-    assert trainer._engine is None
+    assert not trainer.engine_started
     assert wait_gone(recorder.pids) == []
     resumed = Trainer.from_checkpoint(checkpoint, progress=False)
     assert (resumed.epoch, resumed.step_in_epoch) == (0, 3)  # example 70 is in step 3
@@ -360,7 +292,7 @@ def test_exception_in_a_worker_keeps_its_type_and_the_trainer_recovers():
         if n_jobs > 1:  # example 50 is in chunk 2 of step 2: the worker's group
             remote = str(info.value.__cause__)
             assert "RaiseOnSentinel" in remote or "faulty_layers" in remote, remote
-            assert trainer._engine is None
+            assert not trainer.engine_started
             assert shm_segments(os.getpid()) <= segments
             assert len(recorder.pids) == 1  # n_jobs=2: the master and one worker
             assert wait_gone(recorder.pids) == []
@@ -416,7 +348,7 @@ def test_non_finite_loss_stops_without_applying_the_update(tmp_path, n_jobs):
     assert checkpoint.read_bytes() == saved
     assert (trainer.epoch, trainer.step_in_epoch) == (1, 2)
     np.testing.assert_array_equal(model.params, recorder.params)
-    assert trainer._engine is None
+    assert not trainer.engine_started
 
 
 def test_non_finite_loss_leaves_batchnorm_statistics_untouched():
@@ -536,7 +468,7 @@ def test_resume_from_mid_epoch_interrupt_equals_uninterrupted(tmp_path):
     trainer = Trainer(model, n_jobs=2, checkpoint=checkpoint, **kwargs)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit(X, y, epochs=3, validation_data=validation, callbacks=[InterruptAt(1, 2)])
-    assert trainer._engine is None
+    assert not trainer.engine_started
     resumed = Trainer.from_checkpoint(checkpoint, progress=False)
     assert (resumed.epoch, resumed.step_in_epoch) == (1, 3)
     resumed.fit(X, y, epochs=2, validation_data=validation)
@@ -661,7 +593,7 @@ def test_bad_fit_argument_is_named_before_any_worker_starts(fit_args, match):
     args = {"X": _X(), "y": _y(), "epochs": 1, **fit_args}
     with pytest.raises(ValueError, match=match):
         trainer.fit(args.pop("X"), args.pop("y"), **args)
-    assert trainer._engine is None
+    assert not trainer.engine_started
     assert descendants(os.getpid()) <= before
     assert trainer.epoch == 0 and trainer.history.epochs == 0
 

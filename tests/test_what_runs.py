@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from test_cli import assert_ok, run_partrain
+from conftest import assert_ok, run_partrain
 
 import partrain
 from partrain import Trainer, cli, zoo
