@@ -20,7 +20,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from partrain import Context, zoo
-from partrain.chunks import keep_freed_memory
+from partrain.processes import keep_freed_memory
 
 SIZES = (4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
 

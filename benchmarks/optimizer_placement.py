@@ -53,8 +53,9 @@ def _process(rank: int, shm_name: str, model_name: str, batch_size: int, chunk_s
     from threadpoolctl import threadpool_limits
 
     from partrain import zoo
-    from partrain.chunks import compute_chunk, keep_freed_memory, step_groups
+    from partrain.chunks import compute_chunk, step_groups
     from partrain.optim import Adam
+    from partrain.processes import keep_freed_memory
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops us
     threadpool_limits(1)
@@ -105,7 +106,7 @@ def measure(model_name: str, batch_size: int, chunk_size: int | None, phases: in
     """Seconds per step of each mode (medians over phases) on 2 lockstep processes."""
     from partrain import zoo
     from partrain.chunks import default_chunk_size
-    from partrain.loky_engine import children_blas_threads
+    from partrain.processes import children_blas_threads
 
     model = zoo.get(model_name)
     chunk_size = chunk_size or default_chunk_size(model, batch_size)

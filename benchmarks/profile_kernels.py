@@ -16,7 +16,7 @@ which OpenBLAS kernel ran):
         python benchmarks/profile_kernels.py ab --baseline f3a23a2 --torch
 
 Everything runs on one BLAS thread (threadpoolctl) and torch.set_num_threads(1), after
-partrain.chunks.keep_freed_memory() as in every computing process. Each configuration's
+partrain.processes.keep_freed_memory() as in every computing process. Each configuration's
 step is timed by the thread's CPU clock (what the computation costs; other processes on the
 host steal wall time, not CPU time) and by the wall clock; figures are medians over rounds
 in which all implementations alternate. A partrain step is `loss_and_grad_unchecked` on
@@ -44,7 +44,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 import partrain
 from partrain import functional as F
 from partrain import zoo
-from partrain.chunks import keep_freed_memory
+from partrain.processes import keep_freed_memory
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = {  # name -> (zoo model, chunk sizes timed by `ab`)

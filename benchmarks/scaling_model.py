@@ -42,12 +42,12 @@ from partrain.bench import run_bench
 from partrain.chunks import (
     default_chunk_size,
     efficient_chunk,
-    keep_freed_memory,
     reduce_tree,
     split_evenly,
     tree_pairs,
 )
 from partrain.optim import Adam
+from partrain.processes import keep_freed_memory
 
 CORES = (1, 2, 4, 8, 16, 32)
 EFFICIENT = 0.8  # the efficiency a batch must keep for the rule of thumb

@@ -14,7 +14,7 @@ def _started_as_command() -> bool:
 try:
     from . import functional, layers, optim, zoo
     from .callbacks import Callback, EarlyStopping, History
-    from .chunks import WorkerCrashError
+    from .engine import WorkerCrashError
     from .gradcheck import gradcheck
     from .layers import Context
     from .model import Sequential, load

@@ -49,13 +49,12 @@ from .chunks import (
     MIN_CHUNK_FLOPS,
     compute_chunk,
     default_chunk_size,
-    keep_freed_memory,
     step_groups,
 )
 from .io import write_text
-from .loky_engine import children_blas_threads
 from .optim import Adam
 from .parallel import ParallelismWarning, plan_processes, resolve_n_jobs
+from .processes import children_blas_threads, keep_freed_memory, usable_cores
 from .torch_baselines import time_torch, time_torch_ddp, torch_unavailable_reason
 from .trainer import Trainer
 
@@ -120,7 +119,7 @@ def machine_info() -> dict:
             for pool in threadpool_info() if pool.get("user_api") == "blas"]
     forced = {var: os.environ[var] for var in KERNEL_ENV_VARS if var in os.environ}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu, "cores": usable_cores(), "python": platform.python_version(),
             "numpy": np.__version__, "blas": blas, "forced_kernels": forced,
             "load_average": load, "platform": platform.platform()}
 
@@ -339,7 +338,7 @@ def bench_torch(model_name: str, batch_size: int, threads: int, config: str = "d
 def torch_configs(n_jobs: list[int]) -> list[tuple[str, int]]:
     """(config, threads or processes) of every PyTorch baseline: default and tuned at
     1..cores threads, DDP at every n_jobs above 1."""
-    threads = range(1, (os.cpu_count() or 1) + 1)
+    threads = range(1, usable_cores() + 1)
     return [(c, t) for c in ("default", "tuned") for t in threads] + \
         [("ddp", n) for n in sorted(set(n_jobs)) if n > 1]
 

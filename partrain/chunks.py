@@ -1,4 +1,4 @@
-"""The chunk logic every engine shares, and the serial engine.
+"""The chunk logic every engine shares: the plan, one chunk's work, the reduction tree.
 
 Every engine cuts a minibatch into chunks whose size never depends on the number of workers,
 computes each chunk's summed loss and gradient with `compute_chunk`, and adds the chunk
@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import time
-from collections.abc import Callable
-from typing import NamedTuple
 
 import numpy as np
 
@@ -30,30 +27,6 @@ MIN_CHUNK_EXAMPLES = 16  # mnist_cnn: 8-example chunks ran 15-35% slower per exa
 # of 2 processes ran 11-16 % slower with chunks of 8 than of 16 (`partrain bench --chunk-plan
 # auto,max4`, interleaved, 2026-11-29), and so did the ceiling of 2 independent processes.
 MEASURED_CHUNKS = {"mnist-cnn": 16, "signs-cnn": 16, "mlp": 128, "digits-cnn": 64}
-
-
-class WorkerCrashError(RuntimeError):
-    """Worker processes died (killed, out of memory) more often in a row than `max_restarts`
-    allows, or the cluster holding them went away. Exceptions raised by a chunk's own
-    computation are never turned into this: they reach the caller as themselves."""
-
-
-class ChunkTotals(NamedTuple):
-    """What one minibatch gave besides its gradient: sums over its examples."""
-
-    loss: float
-    n_correct: int
-    n_examples: int
-    stats: np.ndarray | None  # batch-norm statistics to fold in (chunk-size weighted mean)
-
-
-class StepTiming(NamedTuple):
-    """Where the last step's time went, in seconds (for `partrain bench`)."""
-
-    run: float  # dispatch until every chunk result is back (master's view)
-    compute_max: float  # busiest process's compute time: the critical path
-    compute_sum: float  # all processes' compute time together
-    reduce: float  # ordered reduction of chunk gradients and batch statistics
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -128,28 +101,6 @@ def step_groups(n_examples: int, chunk_size: int, n_groups: int) -> tuple[tuple,
 def chunk_range(group: list) -> tuple[int, int]:
     """The chunk indices [first, last + 1) of a group from `step_groups`."""
     return group[0][0], group[-1][0] + 1
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed blocks of up to 32 MiB instead of unmapping them.
-
-    A training step allocates and frees the same large temporaries (im2col matrices,
-    activations) every time; with glibc's default thresholds each of them is a fresh mmap whose
-    pages fault in again, which cost 40-50% of a step here (~1,200 page faults per signs_cnn
-    chunk). Called in every process that computes chunks. Returns False where it does not
-    apply (not glibc).
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
 
 
 def worker_imports(model: Sequential) -> tuple[str, ...]:
@@ -268,100 +219,3 @@ def tree_roots(n_chunks: int, inside: tuple[int, int]) -> tuple[int, ...]:
         raise ValueError(f"A range of chunks within [0, {n_chunks}) is needed, got [{a}, {b}).")
     consumed = {right for left, right, stop in tree_pairs(n_chunks) if a <= left and stop <= b}
     return tuple(k for k in range(a, b) if k not in consumed)
-
-
-# ----------------------------------------------------------------------------- engines
-
-
-def _no_interrupt() -> None:
-    """The default interrupt check: nothing ever asks to stop."""
-
-
-class Engine:
-    """Base of all engines: the chunk plan, the slots, and the ordered reduction.
-
-    Subclasses implement `_bind_data(X, y)`, `_run(batch_idx, chunks, step_key)` (fill the
-    first len(chunks) gradient/stats slots and result rows; return each process's compute
-    seconds) and `close`. `check_interrupt` is called while an engine waits for other
-    processes: it raises to abandon the step (the trainer passes its signal check).
-    """
-
-    n_processes = 1  # processes that compute a full step's chunks
-
-    def __init__(self, model: Sequential, chunk_size: int,
-                 check_interrupt: Callable[[], None] | None = None):
-        self.model = model
-        self.chunk_size = int(chunk_size)
-        self.check_interrupt = check_interrupt or _no_interrupt
-        self.last_timing: StepTiming | None = None
-        self._reduced_ranges: list[tuple[int, int]] = []  # groups whose additions _run made
-
-    def bind(self, X: np.ndarray, y: np.ndarray) -> None:
-        """Make (X, y), already validated and cast to the model's dtype, the training set.
-
-        Called at every `fit`: the data may have changed in place since the last one.
-        """
-        self._bind_data(X, y)
-
-    def gradient(self, batch_idx: np.ndarray, step_key: tuple[int, ...],
-                 out: np.ndarray, scale: float = 1.0) -> ChunkTotals:
-        """Write the SUMMED gradient of the examples `batch_idx`, times `scale`, into `out`.
-
-        `scale` (e.g. 1 / batch size for a mean) is applied while copying the sum out, the
-        one multiplication a caller would make afterwards, saving it a pass over the vector.
-
-        Batch-norm statistics come back in the result for the caller to fold in once it has
-        decided to apply the step (never after a non-finite loss). An exception raised while
-        computing a chunk propagates as itself, whichever process raised it.
-        """
-        chunks = plan_chunks(len(batch_idx), self.chunk_size)
-        if not 0 < len(chunks) <= len(self._grad_slots):
-            raise ValueError(f"A step takes 1 to {len(self._grad_slots) * self.chunk_size} "
-                             f"examples (the batch size), got {len(batch_idx)}.")
-        t0 = time.perf_counter()
-        busy = self._run(batch_idx, chunks, step_key)
-        t1 = time.perf_counter()
-        reduce_tree(self._grad_slots, len(chunks), done=self._reduced_ranges)
-        np.multiply(self._grad_slots[0], out.dtype.type(scale), out=out)  # exact for 1.0
-        stats = None
-        if self.model.buffers.size:
-            weights = np.array([stop - start for start, stop in chunks], dtype=out.dtype)
-            stats = np.zeros_like(self.model.buffers)
-            for k, w in enumerate(weights):
-                stats += (w / weights.sum()) * self._stats_slots[k]
-        results = self._chunk_results[:len(chunks)]
-        self.last_timing = StepTiming(t1 - t0, max(busy), sum(busy), time.perf_counter() - t1)
-        loss = 0.0
-        for chunk_loss in results[:, 0]:
-            loss += float(chunk_loss)  # in chunk order, in float64
-        return ChunkTotals(loss, int(results[:, 1].sum()), len(batch_idx), stats)
-
-    def worker_pids(self) -> list[int]:
-        """Process ids of the worker processes computing chunks now (none for this engine)."""
-        return []
-
-    def close(self, kill: bool = False) -> None:
-        """Release workers and shared memory (idempotent)."""
-
-
-class SerialEngine(Engine):
-    """All chunks in the master process: the n_jobs=1 path and the debugging mode."""
-
-    def __init__(self, model: Sequential, chunk_size: int, batch_size: int,
-                 check_interrupt: Callable[[], None] | None = None):
-        super().__init__(model, chunk_size, check_interrupt)
-        keep_freed_memory()
-        n_slots = chunks_per_step(batch_size, chunk_size)
-        self._grad_slots = np.empty((n_slots, model.n_params), model.dtype)
-        self._stats_slots = np.empty((n_slots, model.buffers.size), model.dtype)
-        self._chunk_results = np.empty((n_slots, 2), np.float64)  # loss sum, n correct
-
-    def _bind_data(self, X, y):
-        self._X, self._y = X, y
-
-    def _run(self, batch_idx, chunks, step_key):
-        t0 = time.perf_counter()
-        compute_group(self.model, self.model.params, self._X, self._y, batch_idx,
-                      list(enumerate(chunks)), step_key, self._grad_slots, self._stats_slots,
-                      self._chunk_results)
-        return [time.perf_counter() - t0]

@@ -54,18 +54,16 @@ except ImportError:  # pragma: no cover - depends on the environment
     ) from None
 
 from .chunks import (
-    Engine,
-    WorkerCrashError,
     chunk_range,
-    chunks_per_step,
     compute_chunk,
-    keep_freed_memory,
     reduce_tree,
     split_evenly,
     tree_roots,
     worker_imports,
 )
+from .engine import Engine, StepRun, WorkerCrashError
 from .model import Sequential
+from .processes import keep_freed_memory
 
 WORKERS_REFRESH_S = 5.0  # how often the master asks the scheduler which workers it has
 WAIT_SLICE_S = 0.1  # how often a waiting master checks for Ctrl-C / SIGTERM
@@ -590,7 +588,7 @@ class DaskEngine(Engine):
                  scheduler: str | distributed.Client | None = None, step_timeout: float = 300.0,
                  connect_timeout: float = 10.0, transport: str = "auto",
                  check_interrupt=None):
-        super().__init__(model, chunk_size, check_interrupt)
+        super().__init__(model, chunk_size, batch_size, check_interrupt)
         if transport not in ("auto", "socket", "actor"):
             raise ValueError(f"`transport` must be 'auto', 'socket' or 'actor', got "
                              f"{transport!r}.")
@@ -606,10 +604,6 @@ class DaskEngine(Engine):
         self._servers_time = -np.inf
         self._last_compute = np.inf  # slowest worker's compute seconds in the last step
         self.last_bytes = {"params": 0, "workers": 0, "grads": 0}
-        n_slots = chunks_per_step(batch_size, chunk_size)
-        self._grad_slots = np.empty((n_slots, model.n_params), model.dtype)
-        self._stats_slots = np.empty((n_slots, model.buffers.size), model.dtype)
-        self._chunk_results = np.empty((n_slots, 2), np.float64)  # loss sum, n correct
         self._cluster = self._client = None
         self._owns_client = True
         self._counted = False  # counted in _OWN_CLUSTERS until close()
@@ -872,15 +866,14 @@ class DaskEngine(Engine):
             (first, stop), n = chunk_range(group), len(group)
             roots = tree_roots(len(chunks), (first, stop))  # the partial sums it sent
             n_rows = len(roots)
-            self._grad_slots[list(roots)] = values[:n_rows * n_params].reshape(n_rows, n_params)
-            self._stats_slots[first:stop] = values[n_rows * n_params:].reshape(n, n_buffers)
-            self._chunk_results[first:stop] = info[1:].reshape(n, 2)
+            self.slots.grad[list(roots)] = values[:n_rows * n_params].reshape(n_rows, n_params)
+            self.slots.stats[first:stop] = values[n_rows * n_params:].reshape(n, n_buffers)
+            self.slots.results[first:stop] = info[1:].reshape(n, 2)
             n_bytes += values.nbytes
             busy.append(float(info[0]))
-        self._reduced_ranges = [chunk_range(group) for group in groups]  # see Engine.gradient
         self._last_compute = max(busy)
         self.last_bytes = {"params": state.nbytes, "workers": len(servers), "grads": n_bytes}
-        return busy
+        return StepRun(busy, [chunk_range(group) for group in groups])
 
     def _exchange_sockets(self, servers, state, plans, waiting, wait_slice) -> list:
         """Transport "socket": send every request, then read every reply, in server order,

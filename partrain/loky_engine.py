@@ -17,39 +17,32 @@ The model's own arrays are never replaced or shared: the engine copies `model.pa
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
-import secrets
 import signal
 import threading
 import time
 import warnings
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from .chunks import (
-    Engine,
-    WorkerCrashError,
     chunk_range,
     chunks_per_step,
     compute_group,
-    keep_freed_memory,
     reduce_tree,
     step_groups,
     worker_imports,
 )
+from .engine import Engine, StepRun, WorkerCrashError
 from .model import Sequential
+from .processes import BLAS_ENV_VARS, keep_freed_memory, usable_cores
 from .shm import SharedArray, SharedSpec, attach_shared
 
 logger = logging.getLogger("partrain")
-
-BLAS_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                 "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS", "BLIS_NUM_THREADS")
 
 # The control block: one int64 shared array through which the master publishes steps.
 SEQ, COMMAND, BATCH_LEN, KEY_LEN = 0, 1, 2, 3  # SEQ: number of the last published step
@@ -57,24 +50,12 @@ KEY, MAX_KEY_LEN = 4, 12  # control[KEY:KEY + KEY_LEN]: the step key
 DONE = KEY + MAX_KEY_LEN  # control[DONE + rank]: the last step worker `rank` finished
 RUN, STOP = 0, 1  # commands
 SPIN_SECONDS = 0.01  # a waiting process polls without sleeping this long (see wait_until)
+# A worker's `serve` task ends after this long without a step (the master serves it again at
+# the next one): a pool left open costs no CPU, and an exiting interpreter, whose loky exit
+# handler waits for running tasks, never waits longer than this for a forgotten engine.
+IDLE_EXIT_SECONDS = 2.0
 MAX_NAP_SECONDS = 0.005  # then naps up to this long between polls
 _FENCE = threading.Lock()
-
-
-@contextlib.contextmanager
-def children_blas_threads(threads: int = 1):
-    """Within the block, processes started from this one (spawned: they read the environment
-    before NumPy loads) get `threads` BLAS/OpenMP threads; the environment is restored after."""
-    saved = {var: os.environ.get(var) for var in BLAS_ENV_VARS}
-    os.environ.update({var: str(threads) for var in BLAS_ENV_VARS})
-    try:
-        yield
-    finally:
-        for var, value in saved.items():
-            if value is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
 
 
 def fence() -> None:
@@ -85,9 +66,11 @@ def fence() -> None:
 
 
 def wait_until(ready: Callable[[], bool], spin_seconds: float,
-               while_waiting: Callable[[], None] | None = None) -> None:
+               while_waiting: Callable[[], None] | None = None,
+               give_up_after: float = float("inf")) -> bool:
     """Poll `ready()` without sleeping for `spin_seconds`, then with naps growing to
-    MAX_NAP_SECONDS; call `while_waiting()` (which may raise) between polls.
+    MAX_NAP_SECONDS; call `while_waiting()` (which may raise) between polls. True once
+    ready; False after `give_up_after` seconds of waiting.
 
     The one waiting rule of the master and the workers. Polling keeps the core awake between
     steps (a worker that slept 1-3 ms between steps computed its next chunks 12-20% slower),
@@ -98,9 +81,12 @@ def wait_until(ready: Callable[[], bool], spin_seconds: float,
         if while_waiting is not None:
             while_waiting()
         idle = time.perf_counter() - t_start
+        if idle > give_up_after:
+            return False
         if idle > spin_seconds:
             time.sleep(min(MAX_NAP_SECONDS, idle / 100))
     fence()
+    return True
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -110,7 +96,6 @@ def wait_until(ready: Callable[[], bool], spin_seconds: float,
 class SessionSpec:
     """Everything a worker needs to serve one training session; sent once per worker."""
 
-    token: str
     model_config: dict
     arrays: dict[str, SharedSpec]  # X, y, params, buffers, batch_idx, slots, control, ...
     chunk_size: int
@@ -122,7 +107,9 @@ class SessionSpec:
 def serve(spec: SessionSpec, rank: int) -> None:
     """Worker task for a whole session: compute this rank's group of every published step.
 
-    Runs until the master publishes the STOP command. An exception ends it; the master sees
+    Runs until the master publishes the STOP command, or IDLE_EXIT_SECONDS pass without a
+    step (it has acknowledged every step by then: the master serves the rank again, and the
+    new task computes any step published meanwhile). An exception ends it; the master sees
     it, as itself, through this task's future.
     """
     for module in spec.imports:
@@ -138,7 +125,9 @@ def serve(spec: SessionSpec, rank: int) -> None:
     done = int(control[DONE + rank])
     try:
         while True:
-            wait_until(lambda seen=done: control[SEQ] != seen, spec.spin_seconds)
+            if not wait_until(lambda seen=done: control[SEQ] != seen, spec.spin_seconds,
+                              give_up_after=IDLE_EXIT_SECONDS):
+                return
             done = int(control[SEQ])
             if control[COMMAND] == STOP:
                 return
@@ -182,16 +171,6 @@ def _exit_with_parent(parent: int, period: float = 1.0) -> None:
 # ----------------------------------------------------------------------------- master side
 
 
-_SERVING_ENGINES: weakref.WeakSet = weakref.WeakSet()  # engines whose workers serve a session
-
-
-def _stop_serving_at_exit() -> None:
-    """At interpreter exit, end the workers' `serve` tasks: loky's own exit handler, which
-    runs after this one, waits for running tasks, and a `serve` task only ends when told."""
-    for engine in list(_SERVING_ENGINES):
-        engine.stop_serving(wait=False)
-
-
 class _WorkerDied(Exception):
     """Internal: the pool broke because a worker process died."""
 
@@ -224,35 +203,31 @@ class LokyEngine(Engine):
     def __init__(self, model: Sequential, chunk_size: int, n_processes: int, batch_size: int,
                  blas_threads: int = 1, max_restarts: int = 3,
                  check_interrupt: Callable[[], None] | None = None):
-        super().__init__(model, chunk_size, check_interrupt)
         if not 2 <= n_processes <= chunks_per_step(batch_size, chunk_size):
             raise ValueError(
                 f"LokyEngine needs 2 to {chunks_per_step(batch_size, chunk_size)} processes "
                 f"(the chunks per step), got {n_processes}; use SerialEngine for one."
             )
+        self._shared: dict[str, SharedArray] = {}
+        self._views: dict[str, np.ndarray] = {}
+        self._session: SessionSpec | None = None
         self._imports = worker_imports(model)  # raises now if workers could not rebuild it
+        super().__init__(model, chunk_size, batch_size, check_interrupt,
+                         allocate=self._new_shared)  # the slots, in shared memory
         self.n_processes = n_processes
         self.blas_threads = blas_threads
         self.max_restarts = max_restarts
         keep_freed_memory()  # the master computes chunks too
         self._pool = None
         self._serving: list = []  # the futures of the workers' `serve` tasks
-        self._session: SessionSpec | None = None
-        self._shared: dict[str, SharedArray] = {}
-        self._views: dict[str, np.ndarray] = {}
-        n_slots = chunks_per_step(batch_size, chunk_size)
         self._new_shared("params", model.params.shape, model.dtype)
         self._new_shared("buffers", model.buffers.shape, model.dtype)
         self._new_shared("batch_idx", (batch_size,), np.int64)
-        self._grad_slots = self._new_shared("grad_slots", (n_slots, model.n_params), model.dtype)
-        self._stats_slots = self._new_shared("stats_slots", (n_slots, model.buffers.size),
-                                             model.dtype)
-        self._chunk_results = self._new_shared("chunk_results", (n_slots, 2), np.float64)
         self._new_shared("busy", (n_processes,), np.float64)  # compute seconds per rank
         self._new_shared("pids", (n_processes,), np.int64)  # each worker's pid, by rank
         self._control = self._new_shared("control", (DONE + n_processes,), np.int64)
         self._control[...] = 0
-        self._spin = SPIN_SECONDS if n_processes <= (os.cpu_count() or 1) else 0.0
+        self._spin = SPIN_SECONDS if n_processes <= usable_cores() else 0.0
 
     def _new_shared(self, name: str, shape, dtype) -> np.ndarray:
         if name in self._shared:
@@ -282,10 +257,12 @@ class LokyEngine(Engine):
             self._pool = ProcessPoolExecutor(max_workers=self.n_processes - 1, env=env,
                                              initializer=_worker_init)
             logger.debug("started a pool of %d workers", self.n_processes - 1)
-        if not self._serving:
+        if self._serving:
+            self._serve_again_where_idle()
+        else:
             if self._session is None:
                 self._session = SessionSpec(
-                    secrets.token_hex(8), self.model.config(),
+                    self.model.config(),
                     {name: shared.spec for name, shared in self._shared.items()},
                     self.chunk_size, self.n_processes, self._spin, self._imports)
             self._control[COMMAND] = RUN
@@ -293,11 +270,12 @@ class LokyEngine(Engine):
             fence()
             self._serving = [self._pool.submit(serve, self._session, rank)
                              for rank in range(1, self.n_processes)]
-            # loky registers its exit handler at a pool's first submit; ours comes after it,
-            # so it runs before it (threading's exit handlers run last-in, first-out).
-            if not _SERVING_ENGINES:
-                threading._register_atexit(_stop_serving_at_exit)
-            _SERVING_ENGINES.add(self)
+
+    def _serve_again_where_idle(self) -> None:
+        """Start `serve` again for the ranks whose task ended idle (returned, no error)."""
+        for rank, future in enumerate(self._serving, start=1):
+            if future.done() and future.exception() is None:
+                self._serving[rank - 1] = self._pool.submit(serve, self._session, rank)
 
     def stop_serving(self, wait: bool = True) -> None:
         """End the workers' `serve` tasks (the processes stay); wait for them unless told not.
@@ -310,7 +288,12 @@ class LokyEngine(Engine):
                 serving = self._serving
                 wait_until(lambda: all(future.done() for future in serving), self._spin)
             self._serving = []
-        _SERVING_ENGINES.discard(self)
+
+    def end_session(self) -> None:
+        """The session ended: end the `serve` tasks, so idle workers wait in loky's queue
+        (no CPU) instead of polling, and the interpreter can exit without stopping them
+        (loky's exit handler waits for running tasks). The next session starts them again."""
+        self.stop_serving()
 
     def _publish(self, *settings) -> int:
         """Write (index, value) pairs of the control block, then make them a new step."""
@@ -322,8 +305,8 @@ class LokyEngine(Engine):
         return int(control[SEQ])
 
     def worker_pids(self) -> list[int]:
-        """Process ids of the workers serving now (empty before the first parallel step)."""
-        return [int(pid) for pid in self._views["pids"][1:] if pid] if self._serving else []
+        """Process ids of the pool's workers (empty before the first parallel step)."""
+        return [int(pid) for pid in self._views["pids"][1:] if pid] if self._pool else []
 
     # -- one step
 
@@ -350,7 +333,7 @@ class LokyEngine(Engine):
                     f"(attempt {failures + 1}). Results are unaffected.", RuntimeWarning,
                     stacklevel=2)
 
-    def _step(self, n_examples: int, step_key: tuple) -> list[float]:
+    def _step(self, n_examples: int, step_key: tuple) -> StepRun:
         """Publish one step, compute the master's group, wait for the workers' groups.
 
         A step of one chunk (a short last batch) is not published: the master computes it.
@@ -367,11 +350,9 @@ class LokyEngine(Engine):
         t0 = time.perf_counter()
         try:
             compute_group(model, model.params, views["X"], views["y"], views["batch_idx"],
-                          groups[0], step_key, self._grad_slots, self._stats_slots,
-                          self._chunk_results)
+                          groups[0], step_key, *self.slots)
             n_chunks = sum(map(len, groups))
-            reduce_tree(self._grad_slots, n_chunks, inside=chunk_range(groups[0]))
-            self._reduced_ranges = [chunk_range(group) for group in groups]
+            reduce_tree(self.slots.grad, n_chunks, inside=chunk_range(groups[0]))
             views["busy"][0] = time.perf_counter() - t0
             if seq is not None:
                 done = self._control[DONE + 1:]
@@ -381,11 +362,12 @@ class LokyEngine(Engine):
         except Exception:
             self.stop_serving()  # the other workers finish this step, then end their tasks
             raise
-        return list(views["busy"][:len(groups)])
+        return StepRun(list(views["busy"][:len(groups)]), [chunk_range(g) for g in groups])
 
     def _check_workers(self) -> None:
         """While waiting: stop on an interrupt; raise a worker's own exception as itself."""
         self.check_interrupt()
+        self._serve_again_where_idle()  # a task that went idle as this step was published
         for future in self._serving:
             if future.done():
                 from joblib.externals.loky.process_executor import BrokenProcessPool
@@ -394,7 +376,6 @@ class LokyEngine(Engine):
                 if isinstance(exc, BrokenProcessPool):
                     raise _WorkerDied(str(exc).split("\n")[0])
                 future.result()  # the worker's exception, its traceback as the cause
-                raise RuntimeError("a worker stopped serving during a step")
 
     def _shutdown_pool(self, kill: bool) -> None:
         pool, self._pool = self._pool, None
@@ -403,7 +384,6 @@ class LokyEngine(Engine):
                 self.stop_serving()
             pool.shutdown(wait=True, kill_workers=kill)
         self._serving = []
-        _SERVING_ENGINES.discard(self)
         if "pids" in self._views:
             self._views["pids"][...] = 0
 

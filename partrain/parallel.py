@@ -1,6 +1,6 @@
 """Choosing a gradient engine: backends by name, and how many processes a step can use.
 
-- `SerialEngine` (`partrain.chunks`): every chunk in the master process, no pool.
+- `SerialEngine` (`partrain.engine`): every chunk in the master process, no pool.
 - `LokyEngine` (`partrain.loky_engine`): the master plus a persistent loky pool on this
   machine, over shared memory.
 - `DaskEngine` (`partrain.dask_engine`, imported only when asked for): a Dask cluster.
@@ -11,13 +11,14 @@ more: n_jobs above the chunks per step is clamped, with a warning that says how 
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import NamedTuple
 
-from .chunks import Engine, SerialEngine, chunks_per_step
+from .chunks import chunks_per_step
+from .engine import Engine, SerialEngine
 from .loky_engine import LokyEngine
 from .model import Sequential
+from .processes import usable_cores
 
 
 class ParallelismWarning(UserWarning):
@@ -49,9 +50,7 @@ def resolve_n_jobs(n_jobs: int) -> int:
         raise ValueError(f"`n_jobs` must be a non-zero integer (-1 = all cores), got {n_jobs!r}.")
     if n_jobs > 0:
         return int(n_jobs)
-    from joblib import cpu_count
-
-    return max(1, cpu_count() + 1 + int(n_jobs))
+    return max(1, usable_cores() + 1 + int(n_jobs))
 
 
 class ProcessPlan(NamedTuple):
@@ -88,7 +87,7 @@ def plan_processes(n_jobs: int, batch_size: int, chunk_size: int) -> ProcessPlan
     """The processes a run of (n_jobs, batch_size, chunk_size) uses: never more than the
     chunks of a step, so n_jobs=1000 starts no idle pool."""
     chunks = chunks_per_step(batch_size, chunk_size)
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     processes = max(1, min(n_jobs, chunks))
     wanted = min(n_jobs, cores)
     split = -(-batch_size // wanted)

@@ -14,7 +14,7 @@ import socket
 import time
 
 from . import zoo
-from .loky_engine import children_blas_threads
+from .processes import children_blas_threads
 
 
 def torch_unavailable_reason() -> str | None:

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from .callbacks import Callback, History
-from .chunks import ChunkTotals, WorkerCrashError, default_chunk_size
+from .chunks import default_chunk_size
+from .engine import ChunkTotals, WorkerCrashError
 from .io import FileFormatError, read_npz, write_npz
 from .model import Sequential, model_from_arrays
 from .optim import (
@@ -331,6 +332,8 @@ class Trainer:
             except BaseException:
                 self.close(kill=True)
                 raise
+            else:
+                self.engine.end_session()
             finally:
                 self._grad = None
 

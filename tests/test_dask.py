@@ -28,7 +28,7 @@ from faulty_layers import (
 
 import partrain
 from partrain import Callback, Sequential, Trainer, TrainingInterrupted, WorkerCrashError
-from partrain.chunks import SerialEngine
+from partrain.engine import SerialEngine
 from partrain.io import read_npz
 from partrain.layers import (
     BatchNorm,

@@ -15,7 +15,7 @@ from conftest import assert_ok, run_partrain
 from faulty_layers import descendants
 
 from partrain import ParallelismWarning, Trainer, zoo
-from partrain.chunks import SerialEngine
+from partrain.engine import SerialEngine
 
 ROOT = Path(__file__).parent.parent
 

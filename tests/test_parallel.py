@@ -15,7 +15,6 @@ from joblib import cpu_count
 
 from partrain import loky_engine, zoo
 from partrain.chunks import (
-    SerialEngine,
     default_chunk_size,
     efficient_chunk,
     plan_chunks,
@@ -24,6 +23,7 @@ from partrain.chunks import (
     tree_pairs,
     tree_roots,
 )
+from partrain.engine import SerialEngine
 from partrain.loky_engine import LokyEngine
 from partrain.parallel import plan_processes, resolve_n_jobs
 
@@ -548,3 +548,27 @@ def test_exit_stops_the_workers_and_frees_shared_memory(tmp_path, closed):
     assert len(pids) == 2
     assert wait_gone(pids) == []
     assert shm_segments(proc.pid) == set()
+
+
+def test_workers_idle_past_the_limit_are_served_again_with_the_same_results():
+    """A pause longer than IDLE_EXIT_SECONDS ends the workers' serve tasks (an idle pool costs
+    no CPU, an exiting interpreter never waits for it); the next step serves them again and
+    its gradient equals the serial engine's, bit for bit."""
+    from partrain.loky_engine import IDLE_EXIT_SECONDS
+
+    model = zoo.mlp(dims=(64, 32, 10))
+    X, y = make_data(model, 40)
+    engine = LokyEngine(model, chunk_size=10, n_processes=2, batch_size=40)
+    try:
+        engine.bind(X, y)
+        first, second = np.empty_like(model.params), np.empty_like(model.params)
+        engine.gradient(np.arange(40), STEP_KEY, first)
+        pids = engine.worker_pids()
+        time.sleep(IDLE_EXIT_SECONDS + 1.0)
+        engine.gradient(np.arange(40), STEP_KEY, second)
+        assert engine.worker_pids() == pids  # the same processes, serving again
+    finally:
+        engine.close()
+    expected = serial_gradient(model, X, y, np.arange(40), 10)[0]
+    np.testing.assert_array_equal(first, expected)
+    np.testing.assert_array_equal(second, expected)

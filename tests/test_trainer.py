@@ -307,7 +307,7 @@ def test_exception_in_a_worker_keeps_its_type_and_the_trainer_recovers():
 def test_the_pool_keeps_serving_after_an_error_in_a_worker():
     """The engine itself survives a chunk's exception: the next gradient on the same pool
     (same worker process) equals the serial engine's."""
-    from partrain.chunks import SerialEngine
+    from partrain.engine import SerialEngine
 
     model = faulty_mlp(RaiseOnSentinel())
     X, y = make_data(model, 40)

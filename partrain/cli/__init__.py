@@ -15,8 +15,8 @@ import signal
 import sys
 import warnings
 
-from ..chunks import WorkerCrashError
 from ..data import DataError
+from ..engine import WorkerCrashError
 from ..io import FileFormatError
 from ..parallel import ParallelismWarning
 from ..runlock import CheckpointInUseError
