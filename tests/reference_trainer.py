@@ -1,4 +1,4 @@
-"""An independent reference trainer, written from README.md ("Training semantics") alone.
+"""An independent reference trainer, written from docs/design.md ("Training semantics") alone.
 
 Nothing here calls `Trainer`, the engines (`partrain.parallel`, `partrain.dask_engine`) or
 `partrain.optim`: the epoch order, the batches, the chunks and their random keys, the ordered

@@ -2,7 +2,7 @@
 
 The other trainer tests compare partrain with partrain (n_jobs=1 with 2 and 3, loky with Dask,
 resumed with straight runs): a bug that every engine shares passes all of them. Here
-`reference_trainer.reference_fit` re-implements the documented training semantics (README,
+`reference_trainer.reference_fit` re-implements the documented training semantics (docs/design.md,
 "Training semantics") without calling `Trainer`, the engines or `partrain.optim`, and the
 trainer must reproduce it bit for bit (`np.array_equal` on params, buffers and optimizer state)
 for every number of processes, on Dask, and across checkpoints. Then direct tests of single
