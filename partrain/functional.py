@@ -414,9 +414,14 @@ def dense_forward(A: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
     return Z
 
 
-def dense_backward(dZ: np.ndarray, A: np.ndarray, W: np.ndarray) -> tuple:
-    """Gradients (dA, dW, db) of dense_forward."""
-    return dZ @ W.T, A.T @ dZ, dZ.sum(axis=0)
+def dense_backward(dZ: np.ndarray, A: np.ndarray, W: np.ndarray, dW: np.ndarray | None = None,
+                   db: np.ndarray | None = None, need_dA: bool = True) -> tuple:
+    """Gradients (dA, dW, db) of dense_forward; dW and db written into the arrays given (a
+    layer passes views of the flat gradient), dA None unless `need_dA` (the first layer's
+    input needs none: it saves a matmul)."""
+    dW = np.matmul(A.T, dZ, out=dW)
+    db = np.sum(dZ, axis=0, out=db)
+    return (dZ @ W.T if need_dA else None), dW, db
 
 
 # ----------------------------------------------------------------------------- softmax, loss

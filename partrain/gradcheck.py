@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .checks import positive_int
 from .layers import Context
 from .model import Sequential
 
@@ -82,8 +83,7 @@ def gradcheck(model: Sequential, X, y, eps: float = 1e-7, *, n_params: int | Non
         were left out because their +-eps evaluations straddled a kink (`kinks`), with the
         examples concerned (`kink_examples`).
     """
-    if n_params is not None and (isinstance(n_params, bool) or n_params < 1):
-        raise ValueError(f"`n_params` must be an integer >= 1 or None, got {n_params!r}.")
+    positive_int("n_params", n_params, allow_none=True)
     model64 = model.copy(dtype="float64")
     X, y = model64.check_Xy(X, y)
     ctx = ctx or Context(training=True, key=(seed,))

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import functional as F
+from .checks import positive_int
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,6 @@ def _weight_init(init: Any) -> str:
     if init not in WEIGHT_INITS:
         raise ValueError(f"Invalid init: {init!r}, expected one of {sorted(WEIGHT_INITS)}.")
     return init
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
 
 
 def _init_config(init: str) -> dict:
@@ -123,10 +118,10 @@ class Conv2D(Layer):
 
     def __init__(self, filters: int, kernel_size: int, stride: int = 1, pad: int = 0,
                  init: str = "he"):
-        self.filters = _positive_int("filters", filters)
-        self.kernel_size = _positive_int("kernel_size", kernel_size)
-        self.stride = _positive_int("stride", stride)
-        self.pad = _positive_int("pad", pad, minimum=0)
+        self.filters = positive_int("filters", filters)
+        self.kernel_size = positive_int("kernel_size", kernel_size)
+        self.stride = positive_int("stride", stride)
+        self.pad = positive_int("pad", pad, minimum=0)
         self.init = _weight_init(init)  # how W is drawn: one of WEIGHT_INITS
 
     def build(self, input_shape):
@@ -204,8 +199,8 @@ class _Pool2D(Layer):
     mode = "max"
 
     def __init__(self, pool_size: int, stride: int | None = None):
-        self.pool_size = _positive_int("pool_size", pool_size)
-        self.stride = self.pool_size if stride is None else _positive_int("stride", stride)
+        self.pool_size = positive_int("pool_size", pool_size)
+        self.stride = self.pool_size if stride is None else positive_int("stride", stride)
 
     def build(self, input_shape):
         if len(input_shape) != 3:
@@ -273,7 +268,7 @@ class Dense(Layer):
     short_name = "dense"
 
     def __init__(self, units: int, init: str = "he"):
-        self.units = _positive_int("units", units)
+        self.units = positive_int("units", units)
         self.init = _weight_init(init)  # how W is drawn: one of WEIGHT_INITS
 
     def build(self, input_shape):
@@ -300,10 +295,7 @@ class Dense(Layer):
         return F.dense_forward(x, p["W"], p["b"]), x
 
     def backward(self, p, cache, dy, g, need_dx):
-        x = cache
-        np.matmul(x.T, dy, out=g["W"])
-        np.sum(dy, axis=0, out=g["b"])
-        return dy @ p["W"].T if need_dx else None
+        return F.dense_backward(dy, cache, p["W"], g["W"], g["b"], need_dA=need_dx)[0]
 
     def config(self):
         return {"units": self.units, **_init_config(self.init)}

@@ -13,19 +13,11 @@ import numbers
 
 import numpy as np
 
+from .checks import finite_number
+
 # Every this many steps the optimizer state's subnormal values become 0 (see
 # `Optimizer._flush_subnormals`).
 FLUSH_SUBNORMALS_EVERY = 16
-
-
-def _check_number(name: str, value, minimum: float = 0.0, strict: bool = True) -> float:
-    """`value` as a float if it is a real number (not a bool) above `minimum`, else raise."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and \
-        math.isfinite(value) and (value > minimum if strict else value >= minimum)
-    if not ok:
-        rule = ">" if strict else ">="
-        raise ValueError(f"`{name}` must be a finite number {rule} {minimum:g}, got {value!r}.")
-    return float(value)
 
 
 class Optimizer:
@@ -34,7 +26,7 @@ class Optimizer:
     state_arrays: tuple[str, ...] = ()
 
     def __init__(self, lr: float):
-        self.lr = _check_number("lr", lr)
+        self.lr = finite_number("lr", lr)
         self.state: dict = {"step": 0}
 
     def _ensure_state(self, params: np.ndarray, grad: np.ndarray) -> None:
@@ -276,7 +268,7 @@ class InverseTimeDecay:
     """lr_epoch = lr / (1 + decay * epoch), epoch counted from 0."""
 
     def __init__(self, decay: float):
-        self.decay = _check_number("decay", decay, strict=False)
+        self.decay = finite_number("decay", decay, strict=False)
 
     def __call__(self, base_lr: float, epoch: int) -> float:
         return base_lr / (1.0 + self.decay * epoch)

@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - older scikit-learn: the estimator's ow
 
 from . import zoo
 from .callbacks import EarlyStopping
+from .checks import positive_int
 from .model import Sequential
 from .optim import Adam
 from .trainer import Trainer
@@ -163,9 +164,7 @@ class NetClassifier(ClassifierMixin, BaseEstimator):
                 f"NetClassifier needs at least 2 classes in y, got 1 class "
                 f"({self.classes_[0]!r})."
             )
-        epochs = self.epochs
-        if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
-            raise ValueError(f"`epochs` must be an integer >= 1, got {epochs!r}.")
+        epochs = positive_int("epochs", self.epochs)
         patience = self._patience()
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         net = self._build(X, len(self.classes_), seed)

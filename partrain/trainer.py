@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .callbacks import Callback, History
+from .checks import positive_int
 from .chunks import default_chunk_size
 from .engine import ChunkTotals, WorkerCrashError
 from .io import FileFormatError, read_npz, write_npz
@@ -42,14 +43,6 @@ DEFAULT_VALIDATION_SPLIT = 0.1  # the share `partrain train` and the scripts hol
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the update was not applied."""
-
-
-def _positive(name: str, value, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
-    return int(value)
 
 
 class Trainer:
@@ -127,8 +120,8 @@ class Trainer:
                 f"{type(optimizer).__name__}."
             )
         self.n_jobs = resolve_n_jobs(n_jobs)
-        self.batch_size = _positive("batch_size", batch_size)
-        self.chunk_size = _positive("chunk_size", chunk_size, allow_none=True) or \
+        self.batch_size = positive_int("batch_size", batch_size)
+        self.chunk_size = positive_int("chunk_size", chunk_size, allow_none=True) or \
             default_chunk_size(model, self.batch_size)
         self.chunk_size = min(self.chunk_size, self.batch_size)
         self.seed = int(seed)
@@ -136,9 +129,9 @@ class Trainer:
         self.lr_schedule = _as_schedule(lr_schedule)
         self.base_lr = self.optimizer.lr
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
-        self.checkpoint_every = _positive("checkpoint_every", checkpoint_every)
+        self.checkpoint_every = positive_int("checkpoint_every", checkpoint_every)
         self.backend = backend
-        self.blas_threads = _positive("blas_threads", blas_threads)
+        self.blas_threads = positive_int("blas_threads", blas_threads)
         self.max_restarts = int(max_restarts)
         self.backend_options = dict(backend_options or {})
         if self.backend not in BACKENDS:
@@ -240,7 +233,7 @@ class Trainer:
         WorkerCrashError
             Workers kept dying; a checkpoint is written first.
         """
-        epochs = _positive("epochs", epochs)
+        epochs = positive_int("epochs", epochs)
         callbacks = list(callbacks)
         if validation_data is not None:
             if len(validation_data) != 2:
