@@ -44,7 +44,7 @@ from .chunks import (
     worker_imports,
 )
 from .model import Sequential
-from .shm import SharedArray, SharedSpec, attach_shared
+from .shm import SharedArray, SharedSpec, attach_shared, check_shm_space, segment_bytes
 
 logger = logging.getLogger("partrain")
 
@@ -241,34 +241,49 @@ class LokyEngine(Engine):
         self._shared: dict[str, SharedArray] = {}
         self._views: dict[str, np.ndarray] = {}
         n_slots = chunks_per_step(batch_size, chunk_size)
-        self._new_shared("params", model.params.shape, model.dtype)
-        self._new_shared("buffers", model.buffers.shape, model.dtype)
-        self._new_shared("batch_idx", (batch_size,), np.int64)
-        self._grad_slots = self._new_shared("grad_slots", (n_slots, model.n_params), model.dtype)
-        self._stats_slots = self._new_shared("stats_slots", (n_slots, model.buffers.size),
-                                             model.dtype)
-        self._chunk_results = self._new_shared("chunk_results", (n_slots, 2), np.float64)
-        self._new_shared("busy", (n_processes,), np.float64)  # compute seconds per rank
-        self._new_shared("pids", (n_processes,), np.int64)  # each worker's pid, by rank
-        self._control = self._new_shared("control", (DONE + n_processes,), np.int64)
+        self._create_shared({
+            "params": (model.params.shape, model.dtype),
+            "buffers": (model.buffers.shape, model.dtype),
+            "batch_idx": ((batch_size,), np.int64),
+            "grad_slots": ((n_slots, model.n_params), model.dtype),
+            "stats_slots": ((n_slots, model.buffers.size), model.dtype),
+            "chunk_results": ((n_slots, 2), np.float64),
+            "busy": ((n_processes,), np.float64),  # compute seconds per rank
+            "pids": ((n_processes,), np.int64),  # each worker's pid, by rank
+            "control": ((DONE + n_processes,), np.int64)})
+        self._grad_slots, self._stats_slots, self._chunk_results, self._control = (
+            self._views[name] for name in ("grad_slots", "stats_slots", "chunk_results",
+                                           "control"))
         self._control[...] = 0
         self._spin = SPIN_SECONDS if n_processes <= (os.cpu_count() or 1) else 0.0
 
-    def _new_shared(self, name: str, shape, dtype) -> np.ndarray:
-        if name in self._shared:
-            self._shared.pop(name).release()
-        self._shared[name] = SharedArray(shape, dtype, name)
-        self._views[name] = self._shared[name].array
-        self._session = None  # the workers must attach to the new segment
-        return self._views[name]
+    def _create_shared(self, arrays: dict[str, tuple]) -> None:
+        """(Re)create the segments {name: (shape, dtype)}, after checking that /dev/shm can
+        hold them all (one `SharedMemoryFullError` line otherwise); on any failure every
+        segment of the engine is unlinked."""
+        replaced = sum(self._shared[name].nbytes for name in arrays if name in self._shared)
+        try:
+            check_shm_space(sum(segment_bytes(*spec) for spec in arrays.values()) - replaced)
+            for name, (shape, dtype) in arrays.items():
+                if name in self._shared:
+                    self._shared.pop(name).release()
+                self._shared[name] = SharedArray(shape, dtype, name)
+                self._views[name] = self._shared[name].array
+                self._session = None  # the workers must attach to the new segment
+        except BaseException:
+            self.close(kill=True)
+            raise
 
     def _bind_data(self, X, y):
         """Copy the data into shared memory, reusing the segments when the shapes still fit."""
-        for name, values in (("X", X), ("y", y)):
-            old = self._views.get(name)
-            if old is None or old.shape != values.shape or old.dtype != values.dtype:
-                self.stop_serving()  # the workers' views of the old segment must go
-                self._new_shared(name, values.shape, values.dtype)
+        data = {"X": X, "y": y}
+        changed = {name: (values.shape, values.dtype) for name, values in data.items()
+                   if name not in self._views or self._views[name].shape != values.shape
+                   or self._views[name].dtype != values.dtype}
+        if changed:
+            self.stop_serving()  # the workers' views of the old segments must go
+            self._create_shared(changed)
+        for name, values in data.items():
             self._views[name][...] = values
 
     # -- the pool
