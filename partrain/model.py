@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple
 
@@ -41,6 +42,32 @@ def check_dtype(dtype) -> np.dtype:
     if dt is None or dt.name not in DTYPES:
         raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}.")
     return dt
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory in bytes, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits_memory(what: str, shape, dtype) -> None:
+    """Raise ValueError when an array of `shape` and `dtype` would not fit in this machine's
+    memory (shapes from a file or a config are checked with this before any allocation)."""
+    n_values, itemsize = math.prod(int(d) for d in shape), np.dtype(dtype).itemsize
+    available = memory_bytes()
+    if available is not None and n_values * itemsize > available:
+        raise ValueError(
+            f"{what} would take {_binary_size(n_values * itemsize)} ({n_values:,} "
+            f"{np.dtype(dtype).name} values), more than this machine's "
+            f"{_binary_size(available)} of memory."
+        )
+
+
+def _binary_size(nbytes: int) -> str:
+    power = min(max(nbytes, 1).bit_length() - 1, 60) // 10  # 1024 ** power <= nbytes
+    return f"{nbytes / 1024 ** power:,.1f} {('B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB')[power]}"
 
 
 def as_class_ids(y, n_classes: int, n_examples: int | None = None,
@@ -112,17 +139,26 @@ class Sequential:
         if not self.layers:
             raise ValueError("`layers` must hold at least one layer, got an empty list.")
         self.input_shape = tuple(int(d) for d in input_shape)
+        if not self.input_shape or min(self.input_shape) < 1:
+            raise ValueError(f"`input_shape` must be positive integers, got {input_shape!r}.")
         self.names = self._name_layers()
         shape = self.input_shape
+        check_fits_memory(f"One example of shape {shape}", shape, self.dtype)
         for name, layer in zip(self.names, self.layers):
             try:
                 shape = layer.build(shape)
             except ValueError as exc:
                 raise ValueError(f"Layer '{name}' ({layer!r}): {exc}") from None
+            check_fits_memory(f"Layer '{name}''s output for one example {shape}", shape,
+                              self.dtype)
         self.output_shape = shape
         if len(shape) != 1:
             raise ValueError(f"The last layer must output class scores (K,), got {shape}.")
         self.n_classes = shape[0]
+        # before anything is allocated (a file's config may claim any shape)
+        n_values = sum(math.prod(map(int, spec.shape)) for layer in self.layers
+                       for spec in (*layer.param_specs(), *layer.buffer_specs()))
+        check_fits_memory("The parameters and buffers", (n_values,), self.dtype)
         self.layout, self._param_slots = self._lay_out(lambda layer: layer.param_specs())
         self.buffer_layout, self._buffer_slots = self._lay_out(lambda layer: layer.buffer_specs())
         self.params = self._initial(self.layout, np.random.default_rng(self.seed))
