@@ -9,7 +9,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import functional as F
-from .io import FileFormatError, read_npz, write_npz
+from .io import FileFormatError, check_fits_memory, read_npz, write_npz
 from .layers import INFERENCE, LAYER_TYPES, Context, Layer, ParamSpec
 
 DTYPES = ("float32", "float64")
@@ -42,32 +42,6 @@ def check_dtype(dtype) -> np.dtype:
     if dt is None or dt.name not in DTYPES:
         raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}.")
     return dt
-
-
-def memory_bytes() -> int | None:
-    """This machine's physical memory in bytes, or None where the system does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-def check_fits_memory(what: str, shape, dtype) -> None:
-    """Raise ValueError when an array of `shape` and `dtype` would not fit in this machine's
-    memory (shapes from a file or a config are checked with this before any allocation)."""
-    n_values, itemsize = math.prod(int(d) for d in shape), np.dtype(dtype).itemsize
-    available = memory_bytes()
-    if available is not None and n_values * itemsize > available:
-        raise ValueError(
-            f"{what} would take {_binary_size(n_values * itemsize)} ({n_values:,} "
-            f"{np.dtype(dtype).name} values), more than this machine's "
-            f"{_binary_size(available)} of memory."
-        )
-
-
-def _binary_size(nbytes: int) -> str:
-    power = min(max(nbytes, 1).bit_length() - 1, 60) // 10  # 1024 ** power <= nbytes
-    return f"{nbytes / 1024 ** power:,.1f} {('B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB')[power]}"
 
 
 def as_class_ids(y, n_classes: int, n_examples: int | None = None,

@@ -17,7 +17,7 @@ import pytest
 from test_cli import assert_ok, assert_usage_error, subprocess_env
 
 from partrain import Sequential, Trainer, io, zoo
-from partrain.model import check_fits_memory, memory_bytes
+from partrain.io import check_fits_memory, memory_bytes
 
 LIMIT = 6 << 30  # address space of the CLI runs: far less than any oversized allocation
 
@@ -131,3 +131,23 @@ def test_check_fits_memory_bounds():
         check_fits_memory("x", (available // 8 + 1,), np.float64)
     with pytest.raises(ValueError, match="1,000,000,000,000,000,000,000,000 float32"):
         check_fits_memory("x", (10**11, 10**11, 100), "float32")  # (no int64 overflow)
+
+
+def test_an_array_header_claiming_more_than_the_file_holds_is_one_line(tmp_path):
+    """Before: NumPy allocated what the .npy header claimed (3.6 TiB): MemoryError traceback."""
+    import io as stdio
+    import json
+    import zipfile
+
+    header = stdio.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)})
+    meta = stdio.BytesIO()
+    np.save(meta, np.array(json.dumps({"kind": "model", "version": io.FORMAT_VERSION})))
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w") as archive:
+        archive.writestr("__meta__.npy", meta.getvalue())
+        archive.writestr("params.npy", header.getvalue() + bytes(64))
+    proc = run_limited("gradcheck", "bomb.npz", cwd=tmp_path)
+    assert_usage_error(proc, "bomb.npz", "params", "3.6 TiB", "truncated or corrupt")
+    with pytest.raises(io.FileFormatError, match="claims shape"):
+        io.read_npz(tmp_path / "bomb.npz", "model")
