@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import secrets
 import stat
@@ -177,6 +178,57 @@ def output_problem(path: str | os.PathLike, folder: bool = False) -> str | None:
     return None
 
 
+def memory_bytes() -> int | None:
+    """This machine's physical memory in bytes, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits_memory(what: str, shape, dtype) -> None:
+    """Raise ValueError when an array of `shape` and `dtype` would not fit in this machine's
+    memory (shapes from a file or a config are checked with this before any allocation)."""
+    n_values, itemsize = math.prod(int(d) for d in shape), np.dtype(dtype).itemsize
+    available = memory_bytes()
+    if available is not None and n_values * itemsize > available:
+        raise ValueError(
+            f"{what} would take {binary_size(n_values * itemsize)} ({n_values:,} "
+            f"{np.dtype(dtype).name} values), more than this machine's "
+            f"{binary_size(available)} of memory."
+        )
+
+
+def binary_size(nbytes: int) -> str:
+    """`nbytes` in binary units, e.g. "3.6 TiB"."""
+    power = min(max(nbytes, 1).bit_length() - 1, 60) // 10  # 1024 ** power <= nbytes
+    return f"{nbytes / 1024 ** power:,.1f} {('B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB')[power]}"
+
+
+def _check_array_size(archive: zipfile.ZipFile, name: str, path: Path) -> None:
+    """Refuse an array whose .npy header claims more bytes than the archive holds for it, or
+    than this machine's memory (NumPy allocates what the header says before reading)."""
+    info = archive.getinfo(f"{name}.npy")
+    with archive.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise FileFormatError(f"'{path}': array '{name}' has .npy format {version}, which "
+                                  "partrain does not read.")
+        shape, _, dtype = read_header(f)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > info.file_size:
+        raise FileFormatError(
+            f"'{path}' is truncated or corrupt: its array '{name}' claims shape {shape} "
+            f"({binary_size(nbytes)}), but the file holds {binary_size(info.file_size)} of it."
+        )
+    try:
+        check_fits_memory(f"'{path}': array '{name}' of shape {shape}", shape, dtype)
+    except ValueError as exc:
+        raise FileFormatError(str(exc)) from None
+
+
 def read_npz(path: str | os.PathLike, kind: str | tuple[str, ...]
              ) -> tuple[dict, dict[str, np.ndarray]]:
     """Read a file written by `write_npz`; return (meta, arrays). Never unpickles anything.
@@ -193,8 +245,12 @@ def read_npz(path: str | os.PathLike, kind: str | tuple[str, ...]
         if not isinstance(data, np.lib.npyio.NpzFile):
             raise FileFormatError(f"'{path}' is a single .npy array, not a partrain {kind}.")
         with data:
+            for name in data.files:
+                _check_array_size(data.zip, name, path)
             arrays = {name: data[name] for name in data.files}
         meta = json.loads(str(arrays.pop("__meta__")))
+    except FileFormatError:
+        raise
     except KeyError:
         raise FileFormatError(
             f"'{path}' is an .npz file but not a partrain {kind} (no metadata)."

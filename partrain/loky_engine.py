@@ -37,10 +37,10 @@ from .chunks import (
     step_groups,
     worker_imports,
 )
-from .engine import Engine, StepRun, WorkerCrashError
+from .engine import Engine, StepRun, WorkerCrashError, slot_specs
 from .model import Sequential
 from .processes import BLAS_ENV_VARS, keep_freed_memory, usable_cores
-from .shm import SharedArray, SharedSpec, attach_shared
+from .shm import SharedArray, SharedSpec, attach_shared, check_shm_space, segment_bytes
 
 logger = logging.getLogger("partrain")
 
@@ -208,42 +208,58 @@ class LokyEngine(Engine):
                 f"LokyEngine needs 2 to {chunks_per_step(batch_size, chunk_size)} processes "
                 f"(the chunks per step), got {n_processes}; use SerialEngine for one."
             )
-        self._shared: dict[str, SharedArray] = {}
-        self._views: dict[str, np.ndarray] = {}
-        self._session: SessionSpec | None = None
         self._imports = worker_imports(model)  # raises now if workers could not rebuild it
-        super().__init__(model, chunk_size, batch_size, check_interrupt,
-                         allocate=self._new_shared)  # the slots, in shared memory
         self.n_processes = n_processes
         self.blas_threads = blas_threads
         self.max_restarts = max_restarts
-        keep_freed_memory()  # the master computes chunks too
         self._pool = None
         self._serving: list = []  # the futures of the workers' `serve` tasks
-        self._new_shared("params", model.params.shape, model.dtype)
-        self._new_shared("buffers", model.buffers.shape, model.dtype)
-        self._new_shared("batch_idx", (batch_size,), np.int64)
-        self._new_shared("busy", (n_processes,), np.float64)  # compute seconds per rank
-        self._new_shared("pids", (n_processes,), np.int64)  # each worker's pid, by rank
-        self._control = self._new_shared("control", (DONE + n_processes,), np.int64)
+        self._session: SessionSpec | None = None
+        self._shared: dict[str, SharedArray] = {}
+        self._views: dict[str, np.ndarray] = {}
+        self._create_shared({  # all at once: /dev/shm is checked for the whole need first
+            "params": (model.params.shape, model.dtype),
+            "buffers": (model.buffers.shape, model.dtype),
+            "batch_idx": ((batch_size,), np.int64),
+            **{name: (shape, dtype) for name, shape, dtype in
+               slot_specs(chunks_per_step(batch_size, chunk_size), model)},
+            "busy": ((n_processes,), np.float64),  # compute seconds per rank
+            "pids": ((n_processes,), np.int64),  # each worker's pid, by rank
+            "control": ((DONE + n_processes,), np.int64)})
+        super().__init__(model, chunk_size, batch_size, check_interrupt,  # slots: shared above
+                         allocate=lambda name, shape, dtype: self._views[name])
+        keep_freed_memory()  # the master computes chunks too
+        self._control = self._views["control"]
         self._control[...] = 0
         self._spin = SPIN_SECONDS if n_processes <= usable_cores() else 0.0
 
-    def _new_shared(self, name: str, shape, dtype) -> np.ndarray:
-        if name in self._shared:
-            self._shared.pop(name).release()
-        self._shared[name] = SharedArray(shape, dtype, name)
-        self._views[name] = self._shared[name].array
-        self._session = None  # the workers must attach to the new segment
-        return self._views[name]
+    def _create_shared(self, arrays: dict[str, tuple]) -> None:
+        """(Re)create the segments {name: (shape, dtype)}, after checking that /dev/shm can
+        hold them all (one `SharedMemoryFullError` line otherwise); on any failure every
+        segment of the engine is unlinked."""
+        replaced = sum(self._shared[name].nbytes for name in arrays if name in self._shared)
+        try:
+            check_shm_space(sum(segment_bytes(*spec) for spec in arrays.values()) - replaced)
+            for name, (shape, dtype) in arrays.items():
+                if name in self._shared:
+                    self._shared.pop(name).release()
+                self._shared[name] = SharedArray(shape, dtype, name)
+                self._views[name] = self._shared[name].array
+                self._session = None  # the workers must attach to the new segment
+        except BaseException:
+            self.close(kill=True)
+            raise
 
     def _bind_data(self, X, y):
         """Copy the data into shared memory, reusing the segments when the shapes still fit."""
-        for name, values in (("X", X), ("y", y)):
-            old = self._views.get(name)
-            if old is None or old.shape != values.shape or old.dtype != values.dtype:
-                self.stop_serving()  # the workers' views of the old segment must go
-                self._new_shared(name, values.shape, values.dtype)
+        data = {"X": X, "y": y}
+        changed = {name: (values.shape, values.dtype) for name, values in data.items()
+                   if name not in self._views or self._views[name].shape != values.shape
+                   or self._views[name].dtype != values.dtype}
+        if changed:
+            self.stop_serving()  # the workers' views of the old segments must go
+            self._create_shared(changed)
+        for name, values in data.items():
             self._views[name][...] = values
 
     # -- the pool

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple
 
 import numpy as np
 
 from . import functional as F
-from .io import FileFormatError, read_npz, write_npz
+from .io import FileFormatError, check_fits_memory, read_npz, write_npz
 from .layers import INFERENCE, LAYER_TYPES, WEIGHT_INITS, Context, Layer, ParamSpec
 
 DTYPES = ("float32", "float64")
@@ -112,17 +113,26 @@ class Sequential:
         if not self.layers:
             raise ValueError("`layers` must hold at least one layer, got an empty list.")
         self.input_shape = tuple(int(d) for d in input_shape)
+        if not self.input_shape or min(self.input_shape) < 1:
+            raise ValueError(f"`input_shape` must be positive integers, got {input_shape!r}.")
         self.names = self._name_layers()
         shape = self.input_shape
+        check_fits_memory(f"One example of shape {shape}", shape, self.dtype)
         for name, layer in zip(self.names, self.layers):
             try:
                 shape = layer.build(shape)
             except ValueError as exc:
                 raise ValueError(f"Layer '{name}' ({layer!r}): {exc}") from None
+            check_fits_memory(f"Layer '{name}''s output for one example {shape}", shape,
+                              self.dtype)
         self.output_shape = shape
         if len(shape) != 1:
             raise ValueError(f"The last layer must output class scores (K,), got {shape}.")
         self.n_classes = shape[0]
+        # before anything is allocated (a file's config may claim any shape)
+        n_values = sum(math.prod(map(int, spec.shape)) for layer in self.layers
+                       for spec in (*layer.param_specs(), *layer.buffer_specs()))
+        check_fits_memory("The parameters and buffers", (n_values,), self.dtype)
         self.layout, self._param_slots = self._lay_out(lambda layer: layer.param_specs())
         self.buffer_layout, self._buffer_slots = self._lay_out(lambda layer: layer.buffer_specs())
         self.params = self._initial(self.layout, np.random.default_rng(self.seed))

@@ -19,7 +19,7 @@ import numpy as np
 
 from .callbacks import Callback, History
 from .checks import positive_int
-from .chunks import default_chunk_size
+from .chunks import chunks_per_step, default_chunk_size
 from .engine import ChunkTotals, WorkerCrashError
 from .io import FileFormatError, read_npz, write_npz
 from .model import Sequential, model_from_arrays
@@ -153,6 +153,7 @@ class Trainer:
         self.checkpoint_claim: CheckpointClaim | None = None
         self._engine = None
         self._engine_finalizer = None
+        self._largest_step = self.batch_size  # what the engine is sized for (see session)
         self._guard = SignalGate()  # Ctrl-C/SIGTERM acted on at safe points
         self._grad: np.ndarray | None = None  # the step's gradient buffer, during a session
         self._shuffle = True
@@ -168,8 +169,10 @@ class Trainer:
     def engine(self):
         """The gradient engine, started on first use and reused across steps and fits."""
         if self._engine is None:
+            processes = min(self.plan.processes,
+                            chunks_per_step(self._largest_step, self.chunk_size))
             self._engine = make_engine(self.backend, self.model, self.chunk_size,
-                                       self.plan.processes, self.batch_size,
+                                       processes, self._largest_step,
                                        blas_threads=self.blas_threads,
                                        max_restarts=self.max_restarts,
                                        check_interrupt=self._guard.check,
@@ -312,6 +315,12 @@ class Trainer:
         with self._guard.installed_and_held(), self._checkpoint_claimed(), self._blas_limit():
             try:
                 self._grad = np.empty_like(self.model.params)
+                # a batch larger than the training set takes all of it: size the engine
+                # (slots, shared segments) for that, not for the batch size given
+                largest = min(self.batch_size, len(X))
+                if self._engine is None or largest > self._largest_step:
+                    self.close()
+                    self._largest_step = largest
                 t0 = time.perf_counter()
                 self.engine.bind(X, y)  # (creates the engine, and a Dask cluster, if needed)
                 self._bind_seconds += time.perf_counter() - t0

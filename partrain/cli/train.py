@@ -176,6 +176,10 @@ def fit_and_finish(args, trainer, data, epochs: int, model_name: str,
                       file=sys.stderr)
             for note in trainer.plan.notes("--chunk-size {}", "--batch-size {}"):
                 print(f"note: {note}", file=sys.stderr)
+            n_train = validation_split_point(len(data.x_train), args.validation_split)
+            if trainer.batch_size > n_train:
+                print(f"note: --batch-size {trainer.batch_size:,} is more than the {n_train:,} "
+                      "training examples: each step takes all of them", file=sys.stderr)
             callbacks = [EpochSummary(epochs, args.quiet), StopWhenStdoutCloses(sys.stdout)]
             best = None if args.save_best is None else ModelCheckpoint(args.save_best)
             callbacks += [best] if best else []
