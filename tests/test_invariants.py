@@ -19,7 +19,7 @@ import warnings
 
 import numpy as np
 import pytest
-from test_cli import subprocess_env
+from conftest import subprocess_env
 
 from partrain import Callback, Trainer, TrainingInterrupted, cli, zoo
 from partrain import trainer as trainer_module

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cli import subprocess_env
+from conftest import subprocess_env
 
 from partrain import Trainer, shm, zoo
 from partrain.loky_engine import LokyEngine

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_cli import assert_ok, assert_usage_error, subprocess_env
+from conftest import assert_ok, assert_usage_error, subprocess_env
 
 from partrain import Sequential, Trainer, io, zoo
 from partrain.io import check_fits_memory, memory_bytes
