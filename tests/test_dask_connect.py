@@ -1,4 +1,4 @@
-"""A wrong `--scheduler` (issue 23 item 3): whatever answers at the address (nothing, a silent
+"""A wrong `--scheduler`: whatever answers at the address (nothing, a silent
 server, an "HTTP/1.1" reply, garbage), connecting ends within the connect timeout in one line
 with exit status 2, Ctrl-C and SIGTERM work while connecting, and tls:// is refused before
 connecting. Throwaway servers run in threads of the test process.
@@ -29,6 +29,7 @@ REPLIES = {  # what the server sends as soon as a client connects (None: nothing
     "http": b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
     "garbage": struct.pack("<Q", 5) + b"hello",
 }
+CLIENTS: dict[str, list] = {}  # server address -> the connections it accepted
 
 
 @pytest.fixture
@@ -53,7 +54,9 @@ def server(request):
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    yield f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+    address = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+    CLIENTS[address] = held
+    yield address
     stop.set()
     thread.join()
     listener.close()
@@ -82,10 +85,11 @@ def test_signal_while_connecting_stops_the_run(tmp_path, server, signum):
                             env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        for line in proc.stderr:  # the header comes right before fit connects
-            if line.startswith("Training "):
+        for _ in range(600):  # until the CLI is connected and waiting for the handshake
+            if CLIENTS[server] or proc.poll() is not None:
                 break
-        threading.Event().wait(1.0)
+            threading.Event().wait(0.05)
+        threading.Event().wait(0.5)
         proc.send_signal(signum)
         _, rest = proc.communicate(timeout=30)
     finally:

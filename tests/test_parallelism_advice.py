@@ -88,4 +88,4 @@ def test_training_scripts_take_chunk_size(chunk, warned, tmp_path):
                            str(chunk), "--quiet"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert ("ParallelismWarning" in proc.stderr) == warned, proc.stderr
+    assert ("1 chunk per step" in proc.stderr) == warned, proc.stderr  # the "note:" line
