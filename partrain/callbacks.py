@@ -19,7 +19,7 @@ import numpy as np
 from .io import write_text
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "examples_per_s", "epoch_time_s",
-                "startup_s", "lr")
+                "startup_s", "lr", "workers")
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")  # what a callback can monitor
 
 
@@ -29,7 +29,8 @@ class History:
     Keys: `loss`, `accuracy` (means over the epoch's training examples), `val_loss`,
     `val_accuracy` (end of epoch, empty without validation), `examples_per_s` and
     `epoch_time_s` (training time, start-up excluded), `startup_s` (seconds spent starting
-    the engine and its worker processes during that epoch: 0 once they run) and `lr`.
+    the engine and its worker processes during that epoch: 0 once they run), `lr` and
+    `workers` (the most processes that computed chunks in any step of the epoch).
     """
 
     def __init__(self, history: dict | None = None):

@@ -54,6 +54,7 @@ class StepTiming(NamedTuple):
     compute_max: float  # busiest process's compute time: the critical path
     compute_sum: float  # all processes' compute time together
     reduce: float  # ordered reduction of chunk gradients and batch statistics
+    processes: int = 1  # processes that computed chunks in the step (len of `_run`'s list)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -330,7 +331,8 @@ class Engine:
             for k, w in enumerate(weights):
                 stats += (w / weights.sum()) * self._stats_slots[k]
         results = self._chunk_results[:len(chunks)]
-        self.last_timing = StepTiming(t1 - t0, max(busy), sum(busy), time.perf_counter() - t1)
+        self.last_timing = StepTiming(t1 - t0, max(busy), sum(busy), time.perf_counter() - t1,
+                                      len(busy))
         loss = 0.0
         for chunk_loss in results[:, 0]:
             loss += float(chunk_loss)  # in chunk order, in float64

@@ -537,7 +537,7 @@ class EpochSummary(Callback):
             f"  val_loss {logs['val_loss']:.4f}  val_acc {logs['val_accuracy']:.4f}"
         tqdm.write(f"epoch {epoch + 1:>3}/{self.total}  loss {logs['loss']:.4f}  "
                    f"acc {logs['accuracy']:.4f}{val}  {logs['examples_per_s']:,.0f} ex/s  "
-                   f"{logs['epoch_time_s']:.1f} s")
+                   f"{logs['epoch_time_s']:.1f} s  {logs['workers']} proc")
 
 
 class StopWhenStdoutCloses(Callback):

@@ -306,6 +306,8 @@ class KillDuringNextStep(Callback):
         elif step == self.step + 1:
             self.timer.join()
             self.client.wait_for_workers(N_WORKERS, timeout=30)
+            # new workers join the steps once their server is ready, in the background
+            assert trainer.engine.wait_for_servers(N_WORKERS) == N_WORKERS
         elif step == self.step + 2:
             self.workers_after = trainer.engine.last_bytes["workers"]
 
