@@ -36,6 +36,7 @@ import os
 import pickle
 import queue
 import secrets
+import select
 import socket
 import struct
 import threading
@@ -81,6 +82,11 @@ LOCAL_CLUSTER_CONFIG = {
     "distributed.admin.system-monitor.interval": "5s",
     "distributed.worker.memory.monitor-interval": "1s",
 }
+IDLE_CHECK_S = 0.05  # how often an idle server checks whether its worker is closing
+# A server whose worker is closing ends its connection once the engine has sent nothing for
+# this long (training paused: validation, between fits); while steps keep coming it answers
+# the next one, flagged LEAVING, instead (closing between two steps could cross a request).
+LEAVE_IDLE_S = 0.5
 LEAVE_WAIT_S = 30.0  # a closing worker waits this long at most for the engine to drop it
 LOST_WORKER_S = 30.0  # a worker that failed is not used again for this long (if still listed)
 # Steps whose last compute took less than this run on the workers' event loops (two thread
@@ -114,9 +120,12 @@ class ChunkServerPlugin(distributed.WorkerPlugin):
     - A worker that joins tells the engine at once: an event on the engine's own topic
       (`setup`), so that a server is started there before the next step.
     - A worker that closes (retired, scaled down, adapted away) first waits, up to
-      LEAVE_WAIT_S, until the engine has dropped its ChunkServers there (`teardown`):
-      each server answers its next step as usual, flagged LEAVING, then ends; the engine
-      keeps the result and leaves that worker out from the next step. So no step fails.
+      LEAVE_WAIT_S, until its ChunkServers there have ended (`teardown`): a server
+      answers its next step as usual, flagged LEAVING, then ends; one that gets no step for
+      LEAVE_IDLE_S ends anyway. The engine keeps the flagged result, and leaves out servers
+      whose connection ended before it sends the next step. So no step fails (unless a step
+      is sent just as a server idle for LEAVE_IDLE_S ends: then it is re-run, as for a lost
+      worker).
     """
 
     def __init__(self, engine: str):
@@ -211,6 +220,13 @@ class ChunkServer:
                 n_state = (self.model.n_params + self.model.buffers.size) \
                     * self.model.dtype.itemsize
                 while True:
+                    # between steps: a closing worker ends a connection idle for LEAVE_IDLE_S
+                    # (the engine sees it closed before its next step and leaves it out)
+                    idle_since = time.monotonic()
+                    while not select.select([connection], [], [], IDLE_CHECK_S)[0]:
+                        if self._engine in _LEAVING \
+                                and time.monotonic() - idle_since > LEAVE_IDLE_S:
+                            return
                     kind, n_plan, n_state_sent = HEADER.unpack(receive(connection,
                                                                        HEADER.size))
                     if kind != STEP or n_state_sent != n_state or n_plan % 8:
@@ -565,6 +581,17 @@ def _resolve(transport: str, address: str) -> str:
     return "socket" if address.startswith("tcp://") else "actor"
 
 
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the peer has closed `sock` (a server whose worker is closing ends its idle
+    connection); never waits."""
+    try:
+        if not select.select([sock], [], [], 0)[0]:
+            return False  # nothing to read: open (a server sends nothing unasked)
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
 class _WorkerLost(Exception):
     """Internal: a worker holding a ChunkServer could not be reached or went away."""
 
@@ -776,6 +803,7 @@ class DaskEngine(Engine):
         once it is ready. Only with no server at all does the step wait (for the first ready
         one, up to `connect_timeout`)."""
         self._adopt_ready()
+        self._drop_servers([s for s in self._servers if s.sock is not None and _hung_up(s.sock)])
         stale = time.monotonic() - self._servers_time > WORKERS_REFRESH_S
         if self._servers and not stale and not self._membership_changed:
             return self._servers

@@ -11,11 +11,17 @@ computed it. Three windows:
   actor, the training set fetched from the first worker, the model, the handshake);
 - adopted: steps computed by both workers.
 
+"compute ms" is the median compute time of the busiest worker in the window's steps (the
+rest of a step is the master's: transport, reduction, Adam).
+
 The new worker's own process start-up (Python, NumPy, Dask imports: about 1 s of CPU) comes
-before it is listed and is not in any window: it is Dask's cost, and on a machine with as
-many cores as workers it competes with the steps whatever the engine does.
+mostly before it is listed; what it still does after that competes with the steps for the
+cores whatever the engine does. `--no-adopt` measures that part alone: the engine starts no
+server on the new worker, and "joining" is then the steps of the `--window` seconds after it
+was listed.
 
     python scripts/dask_join_cost.py --rounds 3
+    python scripts/dask_join_cost.py --rounds 3 --no-adopt
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ import time
 import numpy as np
 
 
-def one_round(steady: int, after: int) -> dict:
-    """Step times (ms) of the three windows of one scale-up."""
+def one_round(steady: int, after: int, adopt: bool, window: float) -> dict:
+    """Step times (ms) of the three windows of one scale-up, and the seconds from the new
+    worker's listing to its first step."""
     import distributed
 
     from partrain import Trainer, zoo
@@ -55,23 +62,31 @@ def one_round(steady: int, after: int) -> dict:
         with trainer, trainer.session(X, y):
             for k in range(steady + 10_000):
                 if k == steady:
+                    if not adopt:  # the engine ignores the new worker from now on
+                        trainer.engine._start_server = lambda address: None
                     threading.Thread(target=grow, daemon=True).start()
                 start = (k * 64) % (len(X) - 63)
                 t0 = time.perf_counter()
                 trainer.train_step(np.arange(start, start + 64), 0, k)
-                steps.append((t0, time.perf_counter() - t0,
-                              trainer.engine.last_timing.processes))
+                timing = trainer.engine.last_timing
+                steps.append((t0, time.perf_counter() - t0, timing.processes,
+                              timing.compute_max))
                 adopted = [s for s in steps if s[2] == 2]
-                if len(adopted) >= after:
+                if len(adopted) >= after or (not adopt and "at" in listed
+                                             and t0 > listed["at"] + window):
                     break
     finally:
         client.close()
         cluster.close()
-    return {
-        "steady": [1e3 * s for _, s, _ in steps[steady // 2:steady]],
-        "joining": [1e3 * s for t, s, p in steps[steady:] if p == 1 and t >= listed["at"]],
-        "adopted": [1e3 * s for _, s, p in steps if p == 2][5:],
+    first = [t for t, _, p, _ in steps if p == 2]
+    windows = {
+        "steady": steps[steady // 2:steady],
+        "joining": [s for s in steps[steady:] if s[2] == 1 and s[0] >= listed["at"]],
+        "adopted": [s for s in steps if s[2] == 2][5:],
     }
+    return ({name: [(1e3 * s, 1e3 * c) for _, s, _, c in window]
+             for name, window in windows.items()},
+            first[0] - listed["at"] if first else None)
 
 
 def main() -> None:
@@ -79,17 +94,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steady", type=int, default=200, help="steps before the scale-up")
     parser.add_argument("--after", type=int, default=100, help="steps on 2 workers")
+    parser.add_argument("--no-adopt", action="store_true",
+                        help="start no server on the new worker (its own start-up cost only)")
+    parser.add_argument("--window", type=float, default=0.5,
+                        help="--no-adopt: seconds after the listing counted as joining")
     args = parser.parse_args()
     print(f"{'round':>5}  {'window':<8} {'steps':>5} {'median ms':>9} {'mean ms':>8} "
-          f"{'max ms':>7}")
+          f"{'max ms':>7} {'compute ms':>10}")
     joined = {"steady": [], "joining": [], "adopted": []}
     for r in range(args.rounds):
-        windows = one_round(args.steady, args.after)
-        for name, times in windows.items():
+        windows, latency = one_round(args.steady, args.after, not args.no_adopt,
+                                     args.window)
+        if latency is not None:
+            print(f"{r + 1:>5}  first step on the new worker {latency:.3f} s after it was "
+                  "listed")
+        for name, rows in windows.items():
+            times = [t for t, _ in rows]
             joined[name] += times
             if times:
                 print(f"{r + 1:>5}  {name:<8} {len(times):>5} {statistics.median(times):>9.2f} "
-                      f"{statistics.fmean(times):>8.2f} {max(times):>7.2f}")
+                      f"{statistics.fmean(times):>8.2f} {max(times):>7.2f} "
+                      f"{statistics.median(c for _, c in rows):>10.2f}")
     steady, joining = joined["steady"], joined["joining"]
     if steady and joining:
         med_j, med_s = statistics.median(joining), statistics.median(steady)
