@@ -615,7 +615,8 @@ class DaskEngine(Engine):
         Examples per chunk (never depends on the number of workers).
     n_jobs : int
         Worker processes of the local cluster started when `scheduler` is None. A step is
-        shared between all the cluster's worker processes (re-counted every few seconds).
+        shared between all the cluster's worker processes, those that join or leave during
+        a fit included.
     batch_size : int
         Largest batch; sizes the master's gradient slots.
     blas_threads : int
@@ -648,10 +649,13 @@ class DaskEngine(Engine):
     `ChunkServer` actor per worker process, which keeps it. Per step the master sends each
     server the state vector and its chunks, directly (the "actor" transport needs a client
     with `direct_to_workers=True`: for a Client passed without it, the engine opens a second
-    one of its own), and waits, checking for an interrupt every WAIT_SLICE_S; the scheduler is
-    asked which workers exist only every WORKERS_REFRESH_S seconds, to adopt new ones. A
-    worker that cannot be reached is dropped and the step re-run on the others, results
-    unchanged. `last_bytes` records what the last step moved.
+    one of its own), and waits, checking for an interrupt every WAIT_SLICE_S. The scheduler is
+    asked which workers exist when a worker announces that it joined (`ChunkServerPlugin`,
+    transport "socket") and every WORKERS_REFRESH_S seconds: a new worker's server starts in
+    the background and computes from the first step after it is ready; a worker retired or
+    scaled away answers its last step and is left out, no step failing. A worker that cannot
+    be reached is dropped and the step re-run on the others, results unchanged. `last_bytes`
+    records what the last step moved.
     """
 
     def __init__(self, model: Sequential, chunk_size: int, n_jobs: int, batch_size: int,
