@@ -8,7 +8,9 @@ Before: new workers computed nothing for about 5 s (the engine re-listed the clu
 ("it holds actor(s)") and the worker's later shutdown made a step fail and re-run; nothing
 recorded how many processes computed."""
 
+import dataclasses
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -34,6 +36,26 @@ def cluster():
 def mnist_data(n: int):
     rng = np.random.default_rng(0)
     return rng.random((n, 28, 28, 1), dtype=np.float32), rng.integers(0, 10, n)
+
+
+def leftovers(client, timeout: float = 10.0) -> dict:
+    """What partrain left on the workers after close(): chunk-server threads (they end
+    asynchronously: waited for up to `timeout` s), actors, partrain keys, worker plugins."""
+    def found():
+        threads = client.run(lambda: [t.name for t in threading.enumerate()
+                                      if t.name == "partrain-chunk-server"])
+        return [name for names in threads.values() for name in names]
+
+    deadline = time.monotonic() + timeout
+    while found() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    actors = client.run(lambda dask_worker: len(dask_worker.state.actors))
+    plugins = client.run(lambda dask_worker: [name for name in dask_worker.plugins
+                                              if name.startswith("partrain-")])
+    keys = [key for held in client.has_what().values() for key in held
+            if str(key).startswith("partrain-")]
+    return {"threads": found(), "actors": sum(actors.values()), "keys": keys,
+            "plugins": [name for names in plugins.values() for name in names]}
 
 
 class GrowThenRetire(Callback):
@@ -77,6 +99,7 @@ def test_grow_1_to_3_then_retire_1_is_bit_identical_to_one_process(cluster, grow
                      scheduler=client, n_jobs=-1, progress=False) as trainer:
             trainer.fit(X, y, epochs=5, callbacks=[callback])
     assert len(callback.retired) == 1
+    assert leftovers(client) == {"threads": [], "actors": 0, "keys": [], "plugins": []}
     workers = trainer.history.history["workers"]
     assert max(workers[1:3]) >= 3 and workers[-1] == 2, workers
     assert workers[0] == 1 or grow_step is not None, workers
@@ -132,3 +155,34 @@ def test_history_records_the_processes_of_every_backend(options):
                  **options) as trainer:
         history = trainer.fit(X, y, epochs=2)
     assert history.history["workers"] == [options["n_jobs"]] * 2
+
+
+class BreakNewServersThenGrow(Callback):
+    """After epoch 0: new ChunkServers fail while loading (a module they cannot import),
+    then the cluster grows to 2 workers."""
+
+    def __init__(self, cluster, client):
+        self.cluster, self.client = cluster, client
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if epoch == 0:
+            engine = trainer.engine
+            engine._spec = dataclasses.replace(engine._spec, imports=("partrain_no_such_mod",))
+            self.cluster.scale(2)
+            self.client.wait_for_workers(2, timeout=60)
+
+
+def test_a_joining_worker_whose_server_fails_to_load_is_left_out(cluster):
+    """The new worker's server raises while loading: a warning names the worker, the run goes
+    on with the others, parameters as n_jobs=1."""
+    cluster, client = cluster
+    X, y = mnist_data(640)
+    with pytest.warns(RuntimeWarning, match="Cannot start or reach the partrain ChunkServer"):
+        with Trainer(zoo.mnist_cnn(), batch_size=64, chunk_size=16, backend="dask",
+                     scheduler=client, n_jobs=-1, progress=False) as trainer:
+            trainer.fit(X, y, epochs=4, callbacks=[BreakNewServersThenGrow(cluster, client)])
+    assert trainer.history.history["workers"] == [1, 1, 1, 1]
+    with Trainer(zoo.mnist_cnn(), batch_size=64, chunk_size=16, n_jobs=1,
+                 progress=False) as reference:
+        reference.fit(X, y, epochs=4)
+    np.testing.assert_array_equal(trainer.model.params, reference.model.params)
