@@ -251,7 +251,9 @@ def bench_partrain(model_name: str, batch_size: int, n_jobs: int, dtype: str = "
     return BenchRow(
         model=model_name, batch_size=batch_size, n_jobs=n_jobs, dtype=dtype,
         engine=f"partrain-{backend}" if n_jobs > 1 or backend != "loky" else "partrain",
-        threads=n_jobs, processes=trainer.plan.processes, chunk_size=trainer.chunk_size,
+        # processes: counted in the steps (a Dask cluster's workers, not what n_jobs planned)
+        threads=n_jobs, processes=max(t.processes for _, t in recent),
+        chunk_size=trainer.chunk_size,
         examples_per_s=median, examples_per_s_min=min(rates), examples_per_s_max=max(rates),
         gflops=median * model.flops_per_example() / 1e9, step_ms=1e3 * step_s,
         compute_ms=1e3 * compute_s, engine_ms=1e3 * (run_s - compute_s + reduce_s),

@@ -19,7 +19,7 @@ import numpy as np
 from .io import write_text
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "examples_per_s", "epoch_time_s",
-                "startup_s", "lr")
+                "startup_s", "lr", "workers")
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")  # what a callback can monitor
 
 
@@ -29,7 +29,8 @@ class History:
     Keys: `loss`, `accuracy` (means over the epoch's training examples), `val_loss`,
     `val_accuracy` (end of epoch, empty without validation), `examples_per_s` and
     `epoch_time_s` (training time, start-up excluded), `startup_s` (seconds spent starting
-    the engine and its worker processes during that epoch: 0 once they run) and `lr`.
+    the engine and its worker processes during that epoch: 0 once they run), `lr` and
+    `workers` (the most processes that computed chunks in any step of the epoch).
     """
 
     def __init__(self, history: dict | None = None):
@@ -480,4 +481,4 @@ class EpochSummary(Callback):
             f"  val_loss {logs['val_loss']:.4f}  val_acc {logs['val_accuracy']:.4f}"
         tqdm.write(f"epoch {epoch + 1:>3}/{self.total}  loss {logs['loss']:.4f}  "
                    f"acc {logs['accuracy']:.4f}{val}  {logs['examples_per_s']:,.0f} ex/s  "
-                   f"{logs['epoch_time_s']:.1f} s")
+                   f"{logs['epoch_time_s']:.1f} s  {logs['workers']} proc")

@@ -34,7 +34,9 @@ import logging
 import multiprocessing.spawn
 import os
 import pickle
+import queue
 import secrets
+import select
 import socket
 import struct
 import threading
@@ -48,6 +50,7 @@ import numpy as np
 try:
     import dask
     import distributed
+    from distributed.core import Status
 except ImportError:  # pragma: no cover - depends on the environment
     raise ImportError(
         "backend='dask' needs dask.distributed: pip install 'partrain[dask]'."
@@ -77,6 +80,12 @@ LOCAL_CLUSTER_CONFIG = {
     "distributed.admin.system-monitor.interval": "5s",
     "distributed.worker.memory.monitor-interval": "1s",
 }
+IDLE_CHECK_S = 0.05  # how often an idle server checks whether its worker is closing
+# A server whose worker is closing ends its connection once the engine has sent nothing for
+# this long (training paused: validation, between fits); while steps keep coming it answers
+# the next one, flagged LEAVING, instead (closing between two steps could cross a request).
+LEAVE_IDLE_S = 0.5
+LEAVE_WAIT_S = 30.0  # a closing worker waits this long at most for the engine to drop it
 LOST_WORKER_S = 30.0  # a worker that failed is not used again for this long (if still listed)
 # Steps whose last compute took less than this run on the workers' event loops (two thread
 # hand-offs fewer per step); longer ones in the actor thread, the worker answering meanwhile.
@@ -94,9 +103,43 @@ class ServerSpec:
     blas_threads: int
     listen: bool = False  # serve steps on a TCP socket of its own (transport "socket")
     accept_timeout: float = 60.0  # seconds the socket waits for the engine to connect
+    engine: str = ""  # the engine's token (whose servers DrainChunkServers waits for)
 
 
 _PROCESS = {"blas_threads": None}  # per worker process: the BLAS thread limit in force
+_SERVING: dict[str, set] = {}  # per worker process: engine token -> servers it is connected to
+_LEAVING: set[str] = set()  # per worker process: tokens of the engines told it is closing
+
+
+class ChunkServerPlugin(distributed.WorkerPlugin):
+    """Worker plugin of one engine (transport "socket"), on every worker of the cluster,
+    those that join later included.
+
+    - A worker that joins tells the engine at once: an event on the engine's own topic
+      (`setup`), so that a server is started there before the next step.
+    - A worker that closes (retired, scaled down, adapted away) first waits, up to
+      LEAVE_WAIT_S, until its ChunkServers there have ended (`teardown`): a server
+      answers its next step as usual, flagged LEAVING, then ends; one that gets no step for
+      LEAVE_IDLE_S ends anyway. The engine keeps the flagged result, and leaves out servers
+      whose connection ended before it sends the next step. So no step fails (unless a step
+      is sent just as a server idle for LEAVE_IDLE_S ends: then it is re-run, as for a lost
+      worker).
+    """
+
+    def __init__(self, engine: str):
+        self.engine = engine
+        self.name = self.topic = f"partrain-{engine}"
+
+    def setup(self, worker) -> None:
+        worker.log_event(self.topic, {"action": "joined", "worker": worker.address})
+
+    async def teardown(self, worker) -> None:
+        if worker.status not in (Status.closing, Status.closing_gracefully):
+            return  # unregistered by the engine's close(): nothing to wait for
+        _LEAVING.add(self.engine)
+        deadline = time.monotonic() + LEAVE_WAIT_S
+        while _SERVING.get(self.engine) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
 
 class RemoteTraceback(Exception):
@@ -137,6 +180,7 @@ class ChunkServer:
             self._listener = socket.create_server((host, 0), family=family)
             self._endpoint = self._listener.getsockname()[:2]
             self._secret = secrets.token_bytes(SECRET_BYTES)
+            self._engine = spec.engine
             threading.Thread(target=self._serve, args=(spec.accept_timeout,),
                              name="partrain-chunk-server", daemon=True).start()
 
@@ -165,6 +209,8 @@ class ChunkServer:
                 connection.close()
         finally:
             self._listener.close()
+        serving = _SERVING.setdefault(self._engine, set())
+        serving.add(self)
         with connection:
             connection.settimeout(None)
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -172,6 +218,13 @@ class ChunkServer:
                 n_state = (self.model.n_params + self.model.buffers.size) \
                     * self.model.dtype.itemsize
                 while True:
+                    # between steps: a closing worker ends a connection idle for LEAVE_IDLE_S
+                    # (the engine sees it closed before its next step and leaves it out)
+                    idle_since = time.monotonic()
+                    while not select.select([connection], [], [], IDLE_CHECK_S)[0]:
+                        if self._engine in _LEAVING \
+                                and time.monotonic() - idle_since > LEAVE_IDLE_S:
+                            return
                     kind, n_plan, n_state_sent = HEADER.unpack(receive(connection,
                                                                        HEADER.size))
                     if kind != STEP or n_state_sent != n_state or n_plan % 8:
@@ -179,13 +232,17 @@ class ChunkServer:
                     plan = np.frombuffer(receive(connection, n_plan), np.int64)
                     state = np.frombuffer(receive(connection, n_state), self.model.dtype)
                     values, info, error = self.step(state, plan)
-                    if error is None:
-                        send_message(connection, OK, values, info)
-                    else:
+                    if error is not None:
                         send_message(connection, FAILED, pickle.dumps(error), info)
+                    elif self._engine in _LEAVING:  # the worker is closing: the last reply
+                        send_message(connection, LEAVING, values, info)
+                        return
+                    else:
+                        send_message(connection, OK, values, info)
             except (OSError, EOFError):  # the engine closed the connection or went away
                 return
             finally:
+                serving.discard(self)
                 self.model = self.X = self.y = None
 
     def step(self, state: np.ndarray, plan: np.ndarray) -> tuple:
@@ -267,10 +324,11 @@ def unpack_plan(plan: np.ndarray) -> tuple:
 
 # The socket transport: a request is HEADER (STEP, plan bytes, state bytes), the plan (int64)
 # and the state (the model's dtype); a reply is HEADER (OK, values bytes, info bytes), the
-# values and the info (float64), or (FAILED, pickled (exception, traceback) bytes, info bytes).
-# Before any of it, both ends prove they know the server's secret (see authenticate_master).
+# values and the info (float64), or (FAILED, pickled (exception, traceback) bytes, info bytes);
+# LEAVING is OK from a server whose worker is closing, its last reply. Before any of it, both
+# ends prove they know the server's secret (see authenticate_master).
 HEADER = struct.Struct("<QQQ")
-STEP, OK, FAILED = 1, 2, 3
+STEP, OK, FAILED, LEAVING = 1, 2, 3, 4
 SECRET_BYTES = 16
 NONCE_BYTES = 16
 MAC_BYTES = 32  # HMAC-SHA256
@@ -521,6 +579,17 @@ def _resolve(transport: str, address: str) -> str:
     return "socket" if address.startswith("tcp://") else "actor"
 
 
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the peer has closed `sock` (a server whose worker is closing ends its idle
+    connection); never waits."""
+    try:
+        if not select.select([sock], [], [], 0)[0]:
+            return False  # nothing to read: open (a server sends nothing unasked)
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
 class _WorkerLost(Exception):
     """Internal: a worker holding a ChunkServer could not be reached or went away."""
 
@@ -529,7 +598,7 @@ class _WorkerLost(Exception):
 class _Server:
     address: str
     future: distributed.Future  # keeps the actor alive on its worker
-    actor: distributed.Actor
+    actor: distributed.Actor | None  # None once a socket holds the server (transport "socket")
     sock: socket.socket | None = None  # transport "socket": the connection to its thread
 
 
@@ -544,7 +613,8 @@ class DaskEngine(Engine):
         Examples per chunk (never depends on the number of workers).
     n_jobs : int
         Worker processes of the local cluster started when `scheduler` is None. A step is
-        shared between all the cluster's worker processes (re-counted every few seconds).
+        shared between all the cluster's worker processes, those that join or leave during
+        a fit included.
     batch_size : int
         Largest batch; sizes the master's gradient slots.
     blas_threads : int
@@ -577,10 +647,13 @@ class DaskEngine(Engine):
     `ChunkServer` actor per worker process, which keeps it. Per step the master sends each
     server the state vector and its chunks, directly (the "actor" transport needs a client
     with `direct_to_workers=True`: for a Client passed without it, the engine opens a second
-    one of its own), and waits, checking for an interrupt every WAIT_SLICE_S; the scheduler is
-    asked which workers exist only every WORKERS_REFRESH_S seconds, to adopt new ones. A
-    worker that cannot be reached is dropped and the step re-run on the others, results
-    unchanged. `last_bytes` records what the last step moved.
+    one of its own), and waits, checking for an interrupt every WAIT_SLICE_S. The scheduler is
+    asked which workers exist when a worker announces that it joined (`ChunkServerPlugin`,
+    transport "socket") and every WORKERS_REFRESH_S seconds: a new worker's server starts in
+    the background and computes from the first step after it is ready; a worker retired or
+    scaled away answers its last step and is left out, no step failing. A worker that cannot
+    be reached is dropped and the step re-run on the others, results unchanged. `last_bytes`
+    records what the last step moved.
     """
 
     def __init__(self, model: Sequential, chunk_size: int, n_jobs: int, batch_size: int,
@@ -600,6 +673,9 @@ class DaskEngine(Engine):
         self._data: list[distributed.Future] = []
         self._training_set: tuple[np.ndarray, np.ndarray] | None = None
         self._servers: list[_Server] = []
+        self._pending: dict[str, distributed.Future] = {}  # servers starting, by worker
+        self._ready: queue.Queue = queue.Queue()  # started servers, from their threads
+        self._membership_changed = False  # set by _on_event, on the client's event loop
         self._lost: dict[str, float] = {}  # failed workers' addresses: when they failed
         self._servers_time = -np.inf
         self._last_compute = np.inf  # slowest worker's compute seconds in the last step
@@ -607,6 +683,7 @@ class DaskEngine(Engine):
         self._cluster = self._client = None
         self._owns_client = True
         self._counted = False  # counted in _OWN_CLUSTERS until close()
+        self._plugin = None  # our ChunkServerPlugin, once registered
         if scheduler is None:
             _spawn_workers_without_main()
             _OWN_CLUSTERS["open"] += 1  # (undone by close(), also when the start fails)
@@ -641,8 +718,13 @@ class DaskEngine(Engine):
         self.transport = _resolve(transport, self.address)
         self._spec = ServerSpec(model.config(), worker_imports(model), int(blas_threads),
                                 listen=self.transport == "socket",
-                                accept_timeout=max(60.0, 2 * self.connect_timeout))
+                                accept_timeout=max(60.0, 2 * self.connect_timeout),
+                                engine=self._token)
         self._wait_for_a_worker()
+        if self.transport == "socket":  # (an actor's worker cannot be retired anyway)
+            self._plugin = ChunkServerPlugin(self._token)
+            self._client.subscribe_topic(self._plugin.topic, self._on_event)
+            self._client.register_plugin(self._plugin)
 
     def _connect(self, address: str, **options) -> distributed.Client:
         """A client of the scheduler at `address`; ConnectionError (one line) when nothing
@@ -686,7 +768,9 @@ class DaskEngine(Engine):
     def _bind_data(self, X, y):
         self._training_set = (X, y)  # kept to send it again if the workers holding it die
         self._drop_servers(self._servers)  # they hold the previous training set
-        self._data = []
+        for future in self._pending.values():  # (discarded by _adopt_ready when ready)
+            future.release()
+        self._pending, self._data = {}, []
 
     def _drop_servers(self, servers: list[_Server], lost: bool = False) -> None:
         """Forget `servers`; `lost`: their workers failed, so start no server there again
@@ -694,9 +778,7 @@ class DaskEngine(Engine):
         for server in list(servers):
             if server in self._servers:
                 self._servers.remove(server)
-                if server.sock is not None:
-                    server.sock.close()  # its thread ends and drops the model and data
-                server.future.release()  # the scheduler forgets the actor; its worker drops it
+                self._discard(server)  # its socket thread ends, dropping model and data
             if lost:
                 self._lost[server.address] = time.monotonic()
 
@@ -709,86 +791,162 @@ class DaskEngine(Engine):
             )
 
     def _servers_for_step(self, step_key: tuple) -> list[_Server]:
-        """The ChunkServers of the cluster's workers; the workers are re-listed every
-        WORKERS_REFRESH_S seconds, or now when no server is left, and new ones adopted."""
+        """The ChunkServers that compute this step.
+
+        Servers that became ready since the last step join now. The cluster's workers are
+        re-listed (one round trip to the scheduler) when the scheduler announced a change
+        (a worker joined: `_on_event`), every WORKERS_REFRESH_S anyway,
+        or when no server is left: servers of workers that left are dropped, and a server is
+        started on each new worker in the background (`_start_server`), joining a later step
+        once it is ready. Only with no server at all does the step wait (for the first ready
+        one, up to `connect_timeout`)."""
+        self._adopt_ready()
+        self._drop_servers([s for s in self._servers if s.sock is not None and _hung_up(s.sock)])
         stale = time.monotonic() - self._servers_time > WORKERS_REFRESH_S
-        if self._servers and not stale:
+        if self._servers and not stale and not self._membership_changed:
             return self._servers
+        starting = not self._servers  # then wait for all the servers being started
         deadline = time.monotonic() + self.connect_timeout
         while True:
             self._check_scheduler(step_key)
-            try:
-                workers = set(self._client.nthreads())  # one round trip to the scheduler
-            except OSError as exc:
-                self._check_scheduler(step_key)
-                raise WorkerCrashError(f"The Dask scheduler at {self.address} did not answer "
-                                       f"at step key {step_key} ({exc}).") from None
-            self._lost = {address: when for address, when in self._lost.items()
-                          if address in workers and time.monotonic() - when < LOST_WORKER_S}
-            self._drop_servers([s for s in self._servers if s.address not in workers])
-            known = {s.address for s in self._servers} | set(self._lost)
-            self._start_servers(sorted(workers - known), step_key)
-            self._servers_time = time.monotonic()
-            if self._servers:
+            if self._membership_changed or stale or not (self._servers or self._pending):
+                self._relist_workers(step_key)
+                stale = False
+            if self._servers and (not starting or not self._pending
+                                  or time.monotonic() > deadline):
                 return self._servers
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline and not self._servers:
                 raise WorkerCrashError(
                     f"The Dask cluster at {self.address} has had no usable worker for "
                     f"{self.connect_timeout:g} s (step key {step_key})."
                 )
             self.check_interrupt()
-            time.sleep(WAIT_SLICE_S)
+            time.sleep(WAIT_SLICE_S / 10 if self._pending else WAIT_SLICE_S)
+            self._adopt_ready()
 
-    def _start_servers(self, addresses: list[str], step_key: tuple) -> None:
-        """A ChunkServer on each of `addresses`, holding the training set (scattered to every
-        worker first when the cluster lost it). Workers that fail to start one are skipped;
-        an exception raised by the server itself (e.g. a module it cannot import) is raised."""
-        if not addresses:
-            return
+    def wait_for_servers(self, n_workers: int, timeout: float = 30.0) -> int:
+        """Wait until `n_workers` workers hold a ready ChunkServer (e.g. after scaling the
+        cluster up: steps never wait for new workers, they use them once ready), or for
+        `timeout` seconds; returns how many do. Needs a bound training set (a `fit` or
+        `session` has started)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._adopt_ready()
+            if len(self._servers) >= n_workers or time.monotonic() > deadline:
+                return len(self._servers)
+            if not self._pending:
+                self._relist_workers(("wait_for_servers",))
+            self.check_interrupt()
+            time.sleep(WAIT_SLICE_S / 10)
+
+    def _relist_workers(self, step_key: tuple) -> None:
+        """Ask the scheduler for its workers; drop the servers of those gone, start servers
+        on the new ones (in the background)."""
+        self._membership_changed = False
+        try:
+            workers = set(self._client.nthreads())  # one round trip to the scheduler
+        except OSError as exc:
+            self._check_scheduler(step_key)
+            raise WorkerCrashError(f"The Dask scheduler at {self.address} did not answer "
+                                   f"at step key {step_key} ({exc}).") from None
+        self._lost = {address: when for address, when in self._lost.items()
+                      if address in workers and time.monotonic() - when < LOST_WORKER_S}
+        self._drop_servers([s for s in self._servers if s.address not in workers])
+        known = {s.address for s in self._servers} | set(self._lost) | set(self._pending)
+        for address in sorted(workers - known):
+            self._start_server(address)
+        self._servers_time = time.monotonic()
+
+    def _on_event(self, event) -> None:
+        """Called by the client, on its event loop, when a worker joined (an event of our
+        ChunkServerPlugin): the next step re-lists the workers."""
+        self._membership_changed = True
+
+    def _start_server(self, address: str) -> None:
+        """Start a ChunkServer on the worker at `address` without waiting for it: a thread
+        waits for it (the worker may first fetch the training set from another worker),
+        connects to it and hands it to `_adopt_ready` through `self._ready`."""
         client = self._client
         if not self._data or any(f.status != "finished" for f in self._data):
-            try:
+            try:  # (every worker holding the training set is gone: send it again)
                 self._data = client.scatter(list(self._training_set), broadcast=True,
                                             hash=False, timeout=self.connect_timeout)
             except (OSError, distributed.TimeoutError):
-                return  # no worker to hold it right now: the caller retries
+                return  # no worker to hold it right now: the next re-listing retries
         X, y = self._data
-        futures = {address: client.submit(
-            ChunkServer, self._spec, X, y, actor=True, workers=[address],
-            allow_other_workers=False, pure=False,
-            key=f"partrain-server-{self._token}-{next(self._serial)}") for address in addresses}
-        deadline = time.monotonic() + self.connect_timeout
-        for address, future in futures.items():
-            try:
-                while True:
-                    self.check_interrupt()
-                    try:
-                        with client.as_current():  # the actor handle binds to this client
-                            actor = future.result(timeout=WAIT_SLICE_S)
-                        break
-                    except distributed.TimeoutError:
-                        if time.monotonic() > deadline:
-                            raise
-            except Exception:
-                if future.status == "error":
-                    raise  # the server's own exception, e.g. ModuleNotFoundError
-                future.release()  # the worker went away or is stuck: do without it
-                continue
-            server = _Server(address, future, actor)
+        future = client.submit(ChunkServer, self._spec, X, y, actor=True, workers=[address],
+                               allow_other_workers=False, pure=False,
+                               key=f"partrain-server-{self._token}-{next(self._serial)}")
+        self._pending[address] = future
+        threading.Thread(target=self._connect_when_ready, args=(address, future),
+                         name="partrain-server-start", daemon=True).start()
+
+    def _connect_when_ready(self, address: str, future: distributed.Future) -> None:
+        """(Background thread.) Wait for the server `future`, connect to it (transport
+        "socket"), and put the ready `_Server`, or (address, exception), into `self._ready`."""
+        sock = None
+        try:
+            with self._client.as_current():  # the actor handle binds to this client
+                actor = future.result(timeout=self.connect_timeout)
             if self.transport == "socket":
-                try:
-                    server.sock = self._open_socket(actor)
-                except (OSError, TimeoutError) as exc:
-                    warnings.warn(
-                        f"Cannot reach the partrain ChunkServer on the Dask worker at {address} "
-                        f"({type(exc).__name__}: {exc}); that worker is not used. With "
-                        "backend_options={'transport': 'actor'} steps travel through Dask "
-                        "instead.", RuntimeWarning, stacklevel=2)
-                    future.release()
-                    self._lost[address] = time.monotonic()
+                sock = self._open_socket(actor)
+                # The socket holds the server from now on: the actor is cancelled (the
+                # scheduler forgets it; its worker drops its reference, not the server), so
+                # that the scheduler can retire that worker: Dask never retires a worker
+                # holding an actor. The worker then waits for the step in flight
+                # (`ChunkServerPlugin`), whose reply says it is leaving.
+                future.cancel()
+                actor = None
+            self._ready.put(_Server(address, future, actor, sock))
+            if self._client is None:  # closed meanwhile: nobody will adopt it
+                self._adopt_ready()
+        except Exception as exc:
+            if sock is not None:
+                sock.close()
+            self._ready.put((address, exc))
+
+    def _adopt_ready(self) -> None:
+        """Move the servers that became ready into the pool (never waits). A server that
+        failed to start is skipped (its worker is not used for LOST_WORKER_S), with a warning
+        once a pool exists; the exception of a server that raised itself (e.g. a module it
+        cannot import) is raised when no server runs."""
+        while True:
+            try:
+                ready = self._ready.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(ready, _Server):
+                if self._pending.pop(ready.address, None) is not ready.future \
+                        or self._client is None:
+                    self._discard(ready)  # (started for a training set bound since)
                     continue
-            self._servers.append(server)
-        self._servers.sort(key=lambda s: s.address)
+                self._servers.append(ready)
+                self._servers.sort(key=lambda s: s.address)
+                continue
+            address, exc = ready
+            future = self._pending.pop(address, None)
+            if future is None:
+                continue
+            future.release()
+            self._lost[address] = time.monotonic()
+            if self._client is None:  # (closing)
+                continue
+            if future.status == "error" and not self._servers and not self._pending:
+                raise exc  # the server's own exception, e.g. ModuleNotFoundError
+            if future.status == "error" or self.transport == "socket":
+                warnings.warn(
+                    f"Cannot start or reach the partrain ChunkServer on the Dask worker at "
+                    f"{address} ({type(exc).__name__}: {exc}); that worker is not used."
+                    + (" With backend_options={'transport': 'actor'} steps travel through "
+                       "Dask instead." if self.transport == "socket" else ""),
+                    RuntimeWarning, stacklevel=3)
+
+    @staticmethod
+    def _discard(server: _Server) -> None:
+        """Close a server that will not be used."""
+        if server.sock is not None:
+            server.sock.close()
+        server.future.release()
 
     def _open_socket(self, actor) -> socket.socket:
         """A connection to the socket of `actor` (a ChunkServer), both ends authenticated
@@ -797,7 +955,7 @@ class DaskEngine(Engine):
         sock = socket.create_connection((host, port), timeout=self.connect_timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            authenticate_master(sock, secret, self.connect_timeout, self.check_interrupt)
+            authenticate_master(sock, secret, self.connect_timeout)
         except BaseException:
             sock.close()
             raise
@@ -849,6 +1007,9 @@ class DaskEngine(Engine):
             self._exchange_actors
         wait_slice = max(1e-4, min(WAIT_SLICE_S, self.step_timeout))
         outcomes = exchange(servers, state, plans, waiting, wait_slice)
+        # servers whose worker is closing answered for the last time: not used from now on
+        self._drop_servers([server for server, outcome in zip(servers, outcomes)
+                            if isinstance(outcome, tuple) and len(outcome) == 4])
         waiting()  # the step may have ended between two checks, yet too late
         for outcome in outcomes:  # a chunk's own exception first: a re-run would raise it too
             if isinstance(outcome, tuple) and outcome[2] is not None:
@@ -862,7 +1023,7 @@ class DaskEngine(Engine):
                                         for server, exc in lost))
         n_params, n_buffers = self.model.n_params, self.model.buffers.size
         n_bytes, busy = 0, []
-        for group, (values, info, _) in zip(groups, outcomes):
+        for group, (values, info, *_) in zip(groups, outcomes):
             (first, stop), n = chunk_range(group), len(group)
             roots = tree_roots(len(chunks), (first, stop))  # the partial sums it sent
             n_rows = len(roots)
@@ -878,7 +1039,8 @@ class DaskEngine(Engine):
     def _exchange_sockets(self, servers, state, plans, waiting, wait_slice) -> list:
         """Transport "socket": send every request, then read every reply, in server order,
         calling `waiting` every `wait_slice` seconds of waiting. Each outcome is (values,
-        info, error) or the exception that lost its worker."""
+        info, error), (values, info, None, LEAVING) from a server whose worker is closing, or
+        the exception that lost its worker."""
         outcomes: list = [None] * len(servers)
         try:
             for i, (server, plan) in enumerate(zip(servers, plans)):
@@ -899,16 +1061,19 @@ class DaskEngine(Engine):
         return outcomes
 
     def _reply(self, sock: socket.socket, waiting) -> tuple:
-        """One server's reply: (values, info, None) or (None, info, (exception, text))."""
+        """One server's reply: (values, info, None), (values, info, None, LEAVING) or
+        (None, info, (exception, text))."""
         kind, n_first, n_info = HEADER.unpack(receive(sock, HEADER.size, on_timeout=waiting))
-        if kind == OK:
+        if kind in (OK, LEAVING):
             values = np.empty(n_first // np.dtype(self.model.dtype).itemsize, self.model.dtype)
             receive(sock, n_first, values, waiting)
         else:
             error = pickle.loads(receive(sock, n_first, on_timeout=waiting))
         info = np.empty(n_info // 8, np.float64)
         receive(sock, n_info, info, waiting)
-        return (values, info, None) if kind == OK else (None, info, error)
+        if kind == FAILED:
+            return None, info, error
+        return (values, info, None) + ((LEAVING,) if kind == LEAVING else ())
 
     def _exchange_actors(self, servers, state, plans, waiting, wait_slice) -> list:
         """Transport "actor": a `step` call per server through Dask, waited for in slices
@@ -967,10 +1132,17 @@ class DaskEngine(Engine):
         for server in self._servers:  # each server's socket thread ends now, dropping its
             if server.sock is not None:  # model and data (not whenever the socket is collected)
                 server.sock.close()
+        self._adopt_ready()  # servers that became ready meanwhile: discarded (no client)
         if client is not None and client.status == "running":
             # cancelled, not just dropped: the scheduler forgets them before any worker closes
-            client.cancel([s.future for s in self._servers] + self._data)
-        self._servers, self._data, self._training_set = [], [], None
+            client.cancel([s.future for s in self._servers] + list(self._pending.values())
+                          + self._data)
+            if self._plugin is not None:
+                client.unsubscribe_topic(self._plugin.topic)
+                if cluster is None:  # (our own cluster is closed below)
+                    with contextlib.suppress(Exception):
+                        client.unregister_worker_plugin(self._plugin.name)
+        self._servers, self._pending, self._data, self._training_set = [], {}, [], None
         if client is not None and self._owns_client:
             if client.status == "running":
                 client.close()

@@ -41,6 +41,7 @@ class StepTiming(NamedTuple):
     run: float  # dispatch until every chunk result is back (master's view)
     compute_max: float  # busiest process's compute time: the critical path
     reduce: float  # the remaining tree additions, the scaled copy, statistics and losses
+    processes: int = 1  # processes that computed chunks in the step
 
 
 class Slots(NamedTuple):
@@ -151,7 +152,8 @@ class Engine:
             for k, w in enumerate(weights):
                 stats += (w / weights.sum()) * slots.stats[k]
         results = slots.results[:len(chunks)]
-        self.last_timing = StepTiming(t1 - t0, max(run.busy), time.perf_counter() - t1)
+        self.last_timing = StepTiming(t1 - t0, max(run.busy), time.perf_counter() - t1,
+                                      len(run.busy))
         loss = 0.0
         for chunk_loss in results[:, 0]:
             loss += float(chunk_loss)  # in chunk order, in float64

@@ -401,6 +401,7 @@ class Trainer:
                 p["loss"] += totals.loss
                 p["correct"] += totals.n_correct
                 p["seen"] += totals.n_examples
+                p["workers"] = max(p["workers"], self.engine.last_timing.processes)
                 p["time"] = time.perf_counter() - started
                 self.step_in_epoch = step + 1
                 logs = {"loss": p["loss"] / p["seen"], "accuracy": p["correct"] / p["seen"],
@@ -425,7 +426,7 @@ class Trainer:
         if validation_data is not None:
             logs["val_loss"], logs["val_accuracy"] = self.model.evaluate(*validation_data)
         logs.update(examples_per_s=p["seen"] / max(p["time"], 1e-9), epoch_time_s=p["time"],
-                    startup_s=p["startup"], lr=self.optimizer.lr)
+                    startup_s=p["startup"], lr=self.optimizer.lr, workers=p["workers"])
         return logs
 
     def _end_epoch(self, logs: dict, callbacks) -> None:
@@ -588,7 +589,7 @@ def validation_split_point(n_examples: int, validation_split: float) -> int:
 
 def _new_partial() -> dict:
     """The sums of an epoch in progress: nothing yet."""
-    return {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0, "startup": 0.0}
+    return {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0, "startup": 0.0, "workers": 0}
 
 
 def _keyed(callbacks) -> list[tuple[str, Callback]]:
