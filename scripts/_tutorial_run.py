@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 
 import numpy as np
 
 from partrain import Sequential, Trainer, optim
 from partrain.callbacks import EpochSummary
+from partrain.console import warnings_as_notes
 from partrain.parallel import ParallelismWarning
 from partrain.trainer import DEFAULT_VALIDATION_SPLIT, validation_split_point
 
@@ -72,18 +72,10 @@ def fit_timed(model: Sequential, x_train: np.ndarray, y_train: np.ndarray,
     set); return the trainer and the wall seconds."""
     t0 = time.perf_counter()
     optimizer = optim.Adam(defaults["lr"]) if optimizer is None else optimizer
-    with warnings.catch_warnings(record=True) as noticed:  # one "note:" line each, as the CLI
-        warnings.simplefilter("always", ParallelismWarning)
+    with warnings_as_notes(ParallelismWarning):  # one "note:" line each, as the CLI
         trainer = Trainer(model, optimizer, n_jobs=args.n_jobs, seed=args.seed,
                           batch_size=defaults["batch_size"], chunk_size=args.chunk_size,
-                          lr_schedule=lr_schedule,
-                          progress=not args.quiet)
-    for warning in noticed:
-        if issubclass(warning.category, ParallelismWarning):
-            print(f"note: {warning.message}", file=sys.stderr)
-        else:
-            warnings.showwarning(warning.message, warning.category, warning.filename,
-                                 warning.lineno)
+                          lr_schedule=lr_schedule, progress=not args.quiet)
     with trainer:
         trainer.fit(x_train, y_train, epochs=args.epochs,
                     validation_split=args.validation_split,

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import re
 import signal
-import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .. import zoo
+from ..console import warnings_as_notes
 from ..data import DataWarning, load_dataset
 from ..model import Sequential
 
@@ -46,17 +45,9 @@ def load_data(args, model: Sequential | None, options: dict | None = None,
     `statistics` if given), with `options`; only `split` ("train" or "test") if given. What
     the loader noticed goes to stderr as notes."""
     options = dataset_options(args, model) if options is None else options
-    with warnings.catch_warnings(record=True) as noticed:
-        warnings.simplefilter("always", DataWarning)
-        data = load_dataset(args.dataset, args.data_dir, normalize=args.normalize, split=split,
+    with warnings_as_notes(DataWarning):
+        return load_dataset(args.dataset, args.data_dir, normalize=args.normalize, split=split,
                             statistics=statistics, **options)
-    for warning in noticed:
-        if issubclass(warning.category, DataWarning):
-            print(f"note: {warning.message}", file=sys.stderr)
-        else:
-            warnings.showwarning(warning.message, warning.category, warning.filename,
-                                 warning.lineno)
-    return data
 
 
 def dataset_name(name: str) -> str:
