@@ -241,7 +241,9 @@ def read_npz(path: str | os.PathLike, kind: str | tuple[str, ...]
     if not path.is_file():
         raise FileNotFoundError(f"No such {kind} file: '{path}'.")
     try:
-        data = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:  # (np.load would first allocate what its header says)
+            single_array = f.read(6) == b"\x93NUMPY"
+        data = None if single_array else np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):
             raise FileFormatError(f"'{path}' is a single .npy array, not a partrain {kind}.")
         with data:
