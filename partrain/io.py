@@ -81,13 +81,15 @@ def _exclusive_temp(path: Path) -> tuple[int, Path]:
     raise FileExistsError(f"Could not create a temporary file next to '{path}'.")
 
 
-def _write_atomically(path: Path, write) -> Path:
+def write_file(path: str | os.PathLike, write) -> Path:
     """Call `write(binary_file)` on a temporary file in `path`'s folder, then rename it over
-    `path`, so that a crash mid-write leaves the previous file intact.
+    `path`, so that a crash mid-write leaves the previous file intact. (For writers that take
+    a file object, such as `np.savez` or matplotlib's `savefig`.)
 
     Refused (`NotRegularFileError`), before anything is written, when `path` is a device, a
     pipe, a socket or a folder; the null device is written through (see `special_file`).
     """
+    path = Path(path)
     try:
         null = is_null_device(os.stat(path))
     except OSError:
@@ -112,12 +114,6 @@ def _write_atomically(path: Path, write) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
-
-
-def write_file(path: str | os.PathLike, write) -> Path:
-    """Call `write(binary_file)` to write `path` atomically (see `write_npz`); for writers
-    that take a file object, such as matplotlib's `savefig`."""
-    return _write_atomically(Path(path), write)
 
 
 def write_npz(path: str | os.PathLike, kind: str, meta: dict, arrays: dict) -> Path:
