@@ -113,7 +113,23 @@ def write_file(path: str | os.PathLike, write) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
     return path
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so that a rename in it survives a power cut (as SQLite does); a
+    file system that cannot sync folders is left as it is."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_npz(path: str | os.PathLike, kind: str, meta: dict, arrays: dict) -> Path:
