@@ -27,7 +27,7 @@ from . import zoo
 from .callbacks import Callback, EarlyStopping, ModelCheckpoint
 from .chunks import WorkerCrashError
 from .data import DATASETS, DataError, DataWarning, load_dataset
-from .io import FileFormatError, output_problem, read_npz, write_text
+from .io import FileFormatError, check_fits_memory, output_problem, read_npz, write_text
 from .layers import BatchNorm, Dropout
 from .model import Sequential, model_from_arrays
 from .optim import optimizer_config
@@ -799,6 +799,8 @@ def cmd_gradcheck(args) -> int:
         name = _given(args.model, "digits-cnn")
         model = zoo.get(name, seed=args.seed, dtype="float64")
         what = f"{name} at its initial parameters (seed {args.seed})"
+    check_fits_memory(f"--examples {args.examples}: the inputs",  # (before allocating them)
+                      (args.examples, *model.input_shape), np.float64)
     rng = np.random.default_rng(args.seed)
     X = rng.random((args.examples, *model.input_shape))
     y = rng.integers(0, model.n_classes, args.examples)

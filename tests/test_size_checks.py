@@ -161,3 +161,9 @@ def test_a_single_npy_array_with_a_huge_header_is_not_loaded(tmp_path):
         f.write(bytes(64))
     proc = run_limited("gradcheck", "bomb.npy", cwd=tmp_path)
     assert_usage_error(proc, "bomb.npy", "single .npy array")
+
+
+def test_gradcheck_with_too_many_examples_is_one_line(tmp_path):
+    """Before: a MemoryError traceback (477 GiB of random inputs)."""
+    proc = run_limited("gradcheck", "--examples", 10**9, cwd=tmp_path)
+    assert_usage_error(proc, "--examples 1000000000", "GiB", "memory")
