@@ -67,14 +67,17 @@ def _refuse_special(path: Path) -> None:
                                   "replace it")
 
 
+_NOFOLLOW_CLOEXEC = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)  # (POSIX)
+
+
 def _exclusive_temp(path: Path) -> tuple[int, Path]:
     """A new temporary file next to `path`, created exclusively (O_EXCL: a planted file or
     link of that name is never opened), with the mode a new file gets (0666 minus umask)."""
     for _ in range(100):
         tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o666)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW_CLOEXEC
+                         | getattr(os, "O_BINARY", 0), 0o666)
         except FileExistsError:
             continue
         return fd, tmp
