@@ -67,27 +67,32 @@ def _refuse_special(path: Path) -> None:
                                   "replace it")
 
 
+_NOFOLLOW_CLOEXEC = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)  # (POSIX)
+
+
 def _exclusive_temp(path: Path) -> tuple[int, Path]:
     """A new temporary file next to `path`, created exclusively (O_EXCL: a planted file or
     link of that name is never opened), with the mode a new file gets (0666 minus umask)."""
     for _ in range(100):
         tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o666)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW_CLOEXEC
+                         | getattr(os, "O_BINARY", 0), 0o666)
         except FileExistsError:
             continue
         return fd, tmp
     raise FileExistsError(f"Could not create a temporary file next to '{path}'.")
 
 
-def _write_atomically(path: Path, write) -> Path:
+def write_file(path: str | os.PathLike, write) -> Path:
     """Call `write(binary_file)` on a temporary file in `path`'s folder, then rename it over
-    `path`, so that a crash mid-write leaves the previous file intact.
+    `path`, so that a crash mid-write leaves the previous file intact. (For writers that take
+    a file object, such as `np.savez` or matplotlib's `savefig`.)
 
     Refused (`NotRegularFileError`), before anything is written, when `path` is a device, a
     pipe, a socket or a folder; the null device is written through (see `special_file`).
     """
+    path = Path(path)
     try:
         null = is_null_device(os.stat(path))
     except OSError:
@@ -111,13 +116,23 @@ def _write_atomically(path: Path, write) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
     return path
 
 
-def write_file(path: str | os.PathLike, write) -> Path:
-    """Call `write(binary_file)` to write `path` atomically (see `write_npz`); for writers
-    that take a file object, such as matplotlib's `savefig`."""
-    return _write_atomically(Path(path), write)
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so that a rename in it survives a power cut (as SQLite does); a
+    file system that cannot sync folders is left as it is."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_npz(path: str | os.PathLike, kind: str, meta: dict, arrays: dict) -> Path:
@@ -241,7 +256,9 @@ def read_npz(path: str | os.PathLike, kind: str | tuple[str, ...]
     if not path.is_file():
         raise FileNotFoundError(f"No such {kind} file: '{path}'.")
     try:
-        data = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:  # (np.load would first allocate what its header says)
+            single_array = f.read(6) == b"\x93NUMPY"
+        data = None if single_array else np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):
             raise FileFormatError(f"'{path}' is a single .npy array, not a partrain {kind}.")
         with data:

@@ -151,3 +151,19 @@ def test_an_array_header_claiming_more_than_the_file_holds_is_one_line(tmp_path)
     assert_usage_error(proc, "bomb.npz", "params", "3.6 TiB", "truncated or corrupt")
     with pytest.raises(io.FileFormatError, match="claims shape"):
         io.read_npz(tmp_path / "bomb.npz", "model")
+
+
+def test_a_single_npy_array_with_a_huge_header_is_not_loaded(tmp_path):
+    """Before: np.load allocated the 3.6 TiB its header claims (MemoryError traceback)."""
+    with open(tmp_path / "bomb.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)})
+        f.write(bytes(64))
+    proc = run_limited("gradcheck", "bomb.npy", cwd=tmp_path)
+    assert_usage_error(proc, "bomb.npy", "single .npy array")
+
+
+def test_gradcheck_with_too_many_examples_is_one_line(tmp_path):
+    """Before: a MemoryError traceback (477 GiB of random inputs)."""
+    proc = run_limited("gradcheck", "--examples", 10**9, cwd=tmp_path)
+    assert_usage_error(proc, "--examples 1000000000", "GiB", "memory")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import zoo
-from ..io import read_npz
+from ..io import check_fits_memory, read_npz
 from ..model import model_from_arrays
 from .common import EXIT_FAILURE, UsageError, given
 
@@ -28,6 +28,8 @@ def cmd_gradcheck(args) -> int:
         name = given(args.model, "digits-cnn")
         model = zoo.get(name, seed=args.seed, dtype="float64")
         what = f"{name} at its initial parameters (seed {args.seed})"
+    check_fits_memory(f"--examples {args.examples}: the inputs",  # (before allocating them)
+                      (args.examples, *model.input_shape), np.float64)
     rng = np.random.default_rng(args.seed)
     X = rng.random((args.examples, *model.input_shape))
     y = rng.integers(0, model.n_classes, args.examples)
