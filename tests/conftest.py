@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent  # support modules and scripts live here
+ROOT = TESTS.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"  # the real data sets every developer and CI has
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",

@@ -16,12 +16,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_ok, assert_usage_error, run_partrain, start_holder, subprocess_env
+from conftest import (
+    TESTS,
+    assert_ok,
+    assert_usage_error,
+    run_partrain,
+    start_holder,
+    subprocess_env,
+)
 
 import partrain
 from partrain import Trainer, cli
 
-HERE = Path(__file__).resolve().parent
+HERE = TESTS
 SIGNAL_SCRIPT = HERE / "cli_signal_script.py"
 TINY = ["--dataset", "synthetic", "--quiet"]  # digits-cnn on 1,024 synthetic 8x8 images
 

@@ -9,11 +9,10 @@ import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_data
+from conftest import TESTS, make_data
 from faulty_layers import (
     BAD_MESSAGE,
     SENTINEL,
@@ -44,7 +43,7 @@ from partrain.io import FileFormatError, write_npz
 from partrain.layers import BatchNorm, Dense, ReLU
 from partrain.loky_engine import LokyEngine
 
-HERE = Path(__file__).parent
+HERE = TESTS
 SCRIPT = HERE / "train_worker_script.py"
 
 class KillWorkerAt(Callback):

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 
 from partrain import Trainer, optim, zoo
 from partrain.data import load_dataset, load_idx_pair, load_signs_file
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 MNIST_IMAGES = SHARED / "mnist" / "t10k-images-idx3-ubyte.gz"
 MNIST_LABELS = SHARED / "mnist" / "t10k-labels-idx1-ubyte.gz"
 SIGNS_H5 = SHARED / "signs" / "test_signs.h5"

@@ -2,16 +2,15 @@
 max-pool window across its kink are counted apart and left out of the ratios; a wrong
 gradient still fails. The README's own line on real MNIST images passes."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_ok, run_partrain
+from conftest import SHARED_DATA, assert_ok, run_partrain
 
 from partrain import Sequential, gradcheck, zoo
 from partrain.layers import Dense, ReLU, register_layer
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data"
+MNIST = SHARED_DATA
 
 
 def kinked_mlp() -> Sequential:

@@ -7,17 +7,14 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_ok, run_partrain
+from conftest import ROOT, assert_ok, run_partrain
 from faulty_layers import descendants
 
 from partrain import ParallelismWarning, Trainer, zoo
 from partrain.engine import SerialEngine
-
-ROOT = Path(__file__).parent.parent
 
 
 def run_script(tmp_path, source: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -4,18 +4,17 @@ needs only its split, class counts from the data, and `gradcheck MODEL.npz`."""
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_ok, assert_usage_error, run_partrain
+from conftest import SHARED_DATA, assert_ok, assert_usage_error, run_partrain
 
 import partrain
 from partrain import zoo
 from partrain.data import load_dataset
 from partrain.trainer import validation_split_point
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 TINY = ["--dataset", "synthetic", "--lr", "0.01"]  # digits-cnn, 1,024 synthetic 8x8 images
 
 

@@ -4,11 +4,10 @@ import re
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 

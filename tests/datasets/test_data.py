@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 
 from partrain import data
 from partrain.data import (
@@ -26,7 +27,7 @@ from partrain.data import (
     write_idx,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 MNIST_DIR = SHARED / "mnist"
 SIGNS_DIR = SHARED / "signs"
 IDX_FILES = (

@@ -4,13 +4,13 @@ engine = partrain / ceiling), define them under the table, and old reports (whos
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from partrain.bench import format_table, parallel_efficiency
 
-COMMITTED = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "bench.json"
+COMMITTED = ROOT / "benchmarks" / "results" / "bench.json"
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 pytest.importorskip("matplotlib", reason="plots need matplotlib")
 from matplotlib.figure import Figure  # noqa: E402
@@ -53,13 +54,12 @@ def test_scaling_plot_keeps_colours_marks_ceiling_and_ideal_and_warns(figures, t
     mlp series (one chunk per step: no parallel point) left out and named, the ceiling
     dotted, the ideal drawn, and a load warning printed on the figure."""
     import json
-    from pathlib import Path
 
     from matplotlib.colors import to_hex
 
     from partrain.plots import plot_scaling
 
-    report = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" /
+    report = json.loads((ROOT / "benchmarks" / "results" /
                          "bench.json").read_text())
     report["warnings"] = ["the machine was busy: load average 1.90 before the run (> 0.5)"]
     plot_scaling(report, tmp_path / "s.png")
