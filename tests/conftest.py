@@ -102,3 +102,14 @@ def start_holder(checkpoint: Path, cwd: Path) -> subprocess.Popen:
                               env=subprocess_env())
     assert holder.stdout.readline().strip() == "claimed"
     return holder
+
+
+def write_mnist_like_npz(path: Path, n_train: int, n_test: int) -> Path:
+    """A tiny 28x28x1, 10-class dataset of random uint8 pixels in the npz:PATH layout: enough
+    to run the MNIST plumbing anywhere (accuracy is tested on the real files)."""
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+             y_train=np.arange(n_train) % 10,
+             x_test=rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+             y_test=np.arange(n_test) % 10)
+    return path

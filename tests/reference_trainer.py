@@ -5,7 +5,8 @@ Nothing here calls `Trainer`, the engines (`partrain.parallel`, `partrain.dask_e
 sum of chunk gradients, the mean over the real batch, Adam / SGD and the batch-norm fold are all
 written out below. The only partrain code used is the model itself (`model.loss_and_grad`, the
 pure function of one chunk, and `model.buffer_layout` to find each batch-norm layer's buffers)
-and `partrain.Context`. `tests/training/test_reference.py` checks `Trainer.fit` against it bit for bit.
+and `partrain.Context`. `tests/training/test_reference.py` checks `Trainer.fit` against it bit
+for bit.
 
 Also: identity layers that record what the trainer feeds a model (for the direct tests of the
 properties), registered so that worker processes could rebuild them.

@@ -3,9 +3,8 @@
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import MNIST_FILES, ROOT, assert_ok, run_python
+from conftest import MNIST_FILES, ROOT, assert_ok, run_python, write_mnist_like_npz
 
 import partrain
 
@@ -89,13 +88,7 @@ def small_mnist_like(tmp_path_factory) -> Path:
     """A tiny 28x28x1, 10-class dataset (random uint8 pixels) in the npz:PATH format: enough
     to run the MNIST scripts' plumbing anywhere; their accuracy is tested on real data in
     test_real_data.py."""
-    path = tmp_path_factory.mktemp("npz") / "tiny.npz"
-    rng = np.random.default_rng(0)
-    np.savez(path, x_train=rng.integers(0, 256, (256, 28, 28), dtype=np.uint8),
-             y_train=np.arange(256) % 10, x_test=rng.integers(0, 256, (64, 28, 28),
-                                                              dtype=np.uint8),
-             y_test=np.arange(64) % 10)
-    return path
+    return write_mnist_like_npz(tmp_path_factory.mktemp("npz") / "tiny.npz", 256, 64)
 
 
 def test_train_mnist_runs_and_cites_the_tutorial(small_mnist_like, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, write_mnist_like_npz
 
 from partrain import Trainer, optim, zoo
 from partrain.trainer import validation_split_point
@@ -30,13 +30,7 @@ def load_script(name: str, monkeypatch):
 
 @pytest.fixture
 def tiny_npz(tmp_path) -> Path:
-    path = tmp_path / "tiny.npz"
-    rng = np.random.default_rng(0)
-    np.savez(path, x_train=rng.integers(0, 256, (120, 28, 28), dtype=np.uint8),
-             y_train=np.arange(120) % 10, x_test=rng.integers(0, 256, (40, 28, 28),
-                                                              dtype=np.uint8),
-             y_test=np.arange(40) % 10)
-    return path
+    return write_mnist_like_npz(tmp_path / "tiny.npz", 120, 40)
 
 
 @pytest.fixture
