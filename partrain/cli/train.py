@@ -15,6 +15,7 @@ from ..callbacks import Callback, EarlyStopping, EpochSummary, ModelCheckpoint
 from ..layers import BatchNorm, Dropout
 from ..optim import SGD, Adam, optimizer_config
 from ..runlock import CheckpointClaim
+from ..shm import SharedMemoryFullError
 from ..signals import SignalGate, TrainingInterrupted
 from ..trainer import DEFAULT_VALIDATION_SPLIT, Trainer, validation_split_point
 from ..zoo import TRAINING_DEFAULTS
@@ -210,8 +211,8 @@ def fit_and_finish(args, trainer, data, epochs: int, model_name: str,
     except ConnectionError as exc:  # the Dask scheduler could not be reached at the start
         raise UsageError(str(exc)) from None
     except OSError as exc:  # e.g. the checkpoint could not be written any more
-        if args.checkpoint is None:
-            raise
+        if args.checkpoint is None or isinstance(exc, SharedMemoryFullError):
+            raise  # (no room for the workers' shared arrays: nothing trained, nothing to save)
         trained = trainer.epoch >= epochs and trainer.step_in_epoch == 0
         outputs.rescue_checkpoint(trainer, exc, epochs, trained)
         if not trained:

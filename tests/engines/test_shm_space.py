@@ -81,10 +81,12 @@ RUN = ["train", "--model", "mnist-cnn", "--dataset", "synthetic", "--n-jobs", "2
 
 
 @small_shm
-def test_a_3_mb_dev_shm_is_one_line_at_the_start(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--checkpoint", "ck.npz"]], ids=["plain", "checkpoint"])
+def test_a_3_mb_dev_shm_is_one_line_at_the_start(tmp_path, extra):
     """Before: "Bus error", exit 135, 11 segments and 7 semaphores left, a loky worker and
-    two resource trackers orphaned."""
-    status, err, left, alive = run_with_small_shm(tmp_path, "3m", *RUN)
+    two resource trackers orphaned. With --checkpoint the same line: nothing was trained, so
+    no checkpoint is written and no --resume suggested."""
+    status, err, left, alive = run_with_small_shm(tmp_path, "3m", *RUN, *extra)
     assert status not in (0, 135), (status, err)
     assert 1 <= len(err) <= 3 and not any("Traceback" in line for line in err), err
     message = err[-1]
@@ -93,6 +95,7 @@ def test_a_3_mb_dev_shm_is_one_line_at_the_start(tmp_path):
     assert left == "", f"left in /dev/shm: {left}"
     assert alive == [], f"processes left: {alive}"
     assert not (tmp_path / "mnist-cnn.npz").exists()
+    assert not (tmp_path / "ck.npz").exists() and "--resume" not in message
 
 
 @small_shm
