@@ -18,7 +18,11 @@ The new worker's own process start-up (Python, NumPy, Dask imports: about 1 s of
 mostly before it is listed; what it still does after that competes with the steps for the
 cores whatever the engine does. `--no-adopt` measures that part alone: the engine starts no
 server on the new worker, and "joining" is then the steps of the `--window` seconds after it
-was listed.
+was listed (0.15 s by default: about as long as the joining window with a server on this
+machine, 0.06-0.19 s; a longer one dilutes the new process's first moments).
+
+The machine's load average is printed before and after (other jobs on the cores change the
+figures more than anything measured here).
 
     python benchmarks/dask_join_cost.py --rounds 3
     python benchmarks/dask_join_cost.py --rounds 3 --no-adopt
@@ -27,6 +31,7 @@ was listed.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import threading
 import time
@@ -96,9 +101,10 @@ def main() -> None:
     parser.add_argument("--after", type=int, default=100, help="steps on 2 workers")
     parser.add_argument("--no-adopt", action="store_true",
                         help="start no server on the new worker (its own start-up cost only)")
-    parser.add_argument("--window", type=float, default=0.5,
+    parser.add_argument("--window", type=float, default=0.15,
                         help="--no-adopt: seconds after the listing counted as joining")
     args = parser.parse_args()
+    print("# load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     print(f"{'round':>5}  {'window':<8} {'steps':>5} {'median ms':>9} {'mean ms':>8} "
           f"{'max ms':>7} {'compute ms':>10}")
     joined = {"steady": [], "joining": [], "adopted": []}
@@ -122,6 +128,7 @@ def main() -> None:
         print(f"all rounds: joining median {med_j:.2f} ms vs steady {med_s:.2f} ms "
               f"({med_j / med_s - 1:+.1%}); mean {mean_j:.2f} vs {mean_s:.2f} ms "
               f"({mean_j / mean_s - 1:+.1%})")
+    print("# load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":
