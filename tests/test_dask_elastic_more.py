@@ -139,7 +139,8 @@ def cluster():
     def start(n_workers: int):
         local = distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1,
                                          processes=True, host="127.0.0.1",
-                                         dashboard_address=None)
+                                         dashboard_address=None,  # (any free port, not 8787)
+                                         scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
         client = distributed.Client(local, set_as_default=False)
         started.append((local, client))
         return local, client
@@ -220,6 +221,9 @@ def test_a_worker_killed_mid_step_is_left_out_and_the_step_rerun(cluster, lone_w
     assert len([w for w in caught if "was lost" in str(w.message)]) == 1
     assert callback.processes == 2  # the held step, re-run on the survivors
     assert trainer.history.history["workers"] == [3, 3, 2]
+    deadline = time.monotonic() + 10  # (the scheduler forgets the killed worker by itself)
+    while len(client.nthreads()) > 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     survivors = sorted(client.nthreads())
     assert len(survivors) == 2
     assert on_workers(client) == {w: {"threads": [], "actors": 0, "plugins": []}
@@ -230,25 +234,32 @@ def test_a_worker_killed_mid_step_is_left_out_and_the_step_rerun(cluster, lone_w
     assert trainer.history.history["loss"] == history["loss"]
 
 
-def sleep_task(seconds: float) -> None:
-    time.sleep(seconds)
+def wait_for_event(name: str) -> None:
+    """A task that waits (up to 60 s) for the `distributed.Event` called `name`."""
+    distributed.Event(name).wait(timeout=60)
 
 
 class BacklogThenIdle(Callback):
-    """After epoch 0: submit 3 tasks so that `adapt` grows the cluster to 3, wait until the
-    engine computes on 3 workers; after epoch 1: wait until `adapt` has shrunk it to 1 and
-    the workers it retired have closed (each waits for its chunk server to end)."""
+    """After epoch 0: a backlog of 3 tasks, all pinned to the one worker and waiting for an
+    event, so that `adapt` grows the cluster to 3 (the new workers stay free for the chunk
+    servers), then wait until the engine computes on 3 workers. After epoch 1: set the event
+    (the backlog ends) and wait until `adapt` has shrunk the cluster to 1 and the workers it
+    retired have closed (each waits for its chunk server to end)."""
 
     def __init__(self, local, client):
-        self.local, self.client, self.tasks = local, client, []
+        self.local, self.client = local, client
+        self.event = distributed.Event(f"backlog-{os.getpid()}-{id(self)}", client=client)
+        self.tasks = []
 
     def on_epoch_end(self, trainer, epoch, logs):
         if epoch == 0:
-            self.tasks = self.client.map(sleep_task, [1.0] * 3, pure=False)
+            self.tasks = self.client.map(wait_for_event, [self.event.name] * 3,
+                                         workers=sorted(self.client.nthreads()), pure=False)
             assert trainer.engine.wait_for_servers(3, timeout=60) == 3
+        elif epoch == 1:
+            self.event.set()
             self.client.gather(self.tasks)
             self.tasks = []
-        elif epoch == 1:
             deadline = time.monotonic() + 60
             while (len(self.client.nthreads()) > 1 or len(self.local.workers) > 1) \
                     and time.monotonic() < deadline:
@@ -258,7 +269,7 @@ class BacklogThenIdle(Callback):
 def test_adapt_on_a_scheduler_given_by_address(cluster, tmp_path):
     """`cluster.adapt(minimum=1, maximum=3)` on a LocalCluster that the Trainer reaches by its
     address: grown to 3 by a backlog of tasks, shrunk back to 1 once idle, during one fit;
-    no step fails, parameters as n_jobs=1."""
+    no step fails, the history shows both, parameters as n_jobs=1."""
     local, client = cluster(1)
     local.adapt(minimum=1, maximum=3, interval="100ms", wait_count=5, target_duration="0.1s")
     hold = tmp_path / "hold"  # never created: nothing held
