@@ -11,14 +11,23 @@ computed it. Three windows:
   actor, the training set fetched from the first worker, the model, the handshake);
 - adopted: steps computed by both workers.
 
-"compute ms" is the median compute time of the busiest worker in the window's steps (the
-rest of a step is the master's: transport, reduction, Adam).
+"compute ms" is the median compute time of the busiest worker in the window's steps; the
+rest of a step is the master's (transport, reduction, Adam, and whatever else the engine
+does in the step): "master max" is its largest value in the window.
 
 The new worker's own process start-up (Python, NumPy, Dask imports: about 1 s of CPU) comes
 mostly before it is listed; what it still does after that competes with the steps for the
 cores whatever the engine does. `--no-adopt` measures that part alone: the engine starts no
 server on the new worker, and "joining" is then the steps of the `--window` seconds after it
-was listed.
+was listed (0.15 s by default: about as long as the joining window with a server on this
+machine, 0.06-0.19 s; a longer one dilutes the new process's first moments).
+
+`--relist-in-step` re-lists the workers inside the step, as the engine did before
+re-listing in a thread of its own (the scheduler round trip and the server's submission,
+2-4 ms here, then lengthened the step after the join event).
+
+The machine's load average is printed before and after (other jobs on the cores change the
+figures more than anything measured here).
 
     python benchmarks/dask_join_cost.py --rounds 3
     python benchmarks/dask_join_cost.py --rounds 3 --no-adopt
@@ -27,6 +36,7 @@ was listed.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import threading
 import time
@@ -34,7 +44,8 @@ import time
 import numpy as np
 
 
-def one_round(steady: int, after: int, adopt: bool, window: float) -> dict:
+def one_round(steady: int, after: int, adopt: bool, window: float,
+              relist_in_step: bool = False) -> dict:
     """Step times (ms) of the three windows of one scale-up, and the seconds from the new
     worker's listing to its first step."""
     import distributed
@@ -62,8 +73,11 @@ def one_round(steady: int, after: int, adopt: bool, window: float) -> dict:
         with trainer, trainer.session(X, y):
             for k in range(steady + 10_000):
                 if k == steady:
+                    engine = trainer.engine
                     if not adopt:  # the engine ignores the new worker from now on
-                        trainer.engine._start_server = lambda address: None
+                        engine._start_server = lambda address: None
+                    if relist_in_step:
+                        engine._relist_in_background = engine._relist_workers
                     threading.Thread(target=grow, daemon=True).start()
                 start = (k * 64) % (len(X) - 63)
                 t0 = time.perf_counter()
@@ -96,15 +110,18 @@ def main() -> None:
     parser.add_argument("--after", type=int, default=100, help="steps on 2 workers")
     parser.add_argument("--no-adopt", action="store_true",
                         help="start no server on the new worker (its own start-up cost only)")
-    parser.add_argument("--window", type=float, default=0.5,
+    parser.add_argument("--relist-in-step", action="store_true",
+                        help="re-list the workers inside the step (the engine's former way)")
+    parser.add_argument("--window", type=float, default=0.15,
                         help="--no-adopt: seconds after the listing counted as joining")
     args = parser.parse_args()
+    print("# load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     print(f"{'round':>5}  {'window':<8} {'steps':>5} {'median ms':>9} {'mean ms':>8} "
-          f"{'max ms':>7} {'compute ms':>10}")
+          f"{'max ms':>7} {'compute ms':>10} {'master max':>10}")
     joined = {"steady": [], "joining": [], "adopted": []}
     for r in range(args.rounds):
         windows, latency = one_round(args.steady, args.after, not args.no_adopt,
-                                     args.window)
+                                     args.window, args.relist_in_step)
         if latency is not None:
             print(f"{r + 1:>5}  first step on the new worker {latency:.3f} s after it was "
                   "listed")
@@ -114,7 +131,8 @@ def main() -> None:
             if times:
                 print(f"{r + 1:>5}  {name:<8} {len(times):>5} {statistics.median(times):>9.2f} "
                       f"{statistics.fmean(times):>8.2f} {max(times):>7.2f} "
-                      f"{statistics.median(c for _, c in rows):>10.2f}")
+                      f"{statistics.median(c for _, c in rows):>10.2f} "
+                      f"{max(t - c for t, c in rows):>10.2f}")
     steady, joining = joined["steady"], joined["joining"]
     if steady and joining:
         med_j, med_s = statistics.median(joining), statistics.median(steady)
@@ -122,6 +140,7 @@ def main() -> None:
         print(f"all rounds: joining median {med_j:.2f} ms vs steady {med_s:.2f} ms "
               f"({med_j / med_s - 1:+.1%}); mean {mean_j:.2f} vs {mean_s:.2f} ms "
               f"({mean_j / mean_s - 1:+.1%})")
+    print("# load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -676,6 +676,11 @@ class DaskEngine(Engine):
         self._pending: dict[str, distributed.Future] = {}  # servers starting, by worker
         self._ready: queue.Queue = queue.Queue()  # started servers, from their threads
         self._membership_changed = False  # set by _on_event, on the client's event loop
+        self._listed: set[str] | None = None  # the workers the scheduler listed last
+        self._relister: threading.Thread | None = None  # a re-listing in the background
+        self._relist_now = True  # list the workers before the next step (none yet, or lost)
+        # _servers, _pending, _lost, _data: changed by the steps' thread and the re-listing
+        self._pool_lock = threading.RLock()
         self._lost: dict[str, float] = {}  # failed workers' addresses: when they failed
         self._servers_time = -np.inf
         self._last_compute = np.inf  # slowest worker's compute seconds in the last step
@@ -766,21 +771,24 @@ class DaskEngine(Engine):
     # -- the servers
 
     def _bind_data(self, X, y):
-        self._training_set = (X, y)  # kept to send it again if the workers holding it die
-        self._drop_servers(self._servers)  # they hold the previous training set
-        for future in self._pending.values():  # (discarded by _adopt_ready when ready)
-            future.release()
-        self._pending, self._data = {}, []
+        self._join_relister()
+        with self._pool_lock:
+            self._training_set = (X, y)  # kept to send it again if the workers holding it die
+            self._drop_servers(self._servers)  # they hold the previous training set
+            for future in self._pending.values():  # (discarded by _adopt_ready when ready)
+                future.release()
+            self._pending, self._data = {}, []
 
     def _drop_servers(self, servers: list[_Server], lost: bool = False) -> None:
         """Forget `servers`; `lost`: their workers failed, so start no server there again
         while the scheduler lists them, for up to LOST_WORKER_S seconds."""
-        for server in list(servers):
-            if server in self._servers:
-                self._servers.remove(server)
-                self._discard(server)  # its socket thread ends, dropping model and data
-            if lost:
-                self._lost[server.address] = time.monotonic()
+        with self._pool_lock:
+            for server in list(servers):
+                if server in self._servers:
+                    self._servers.remove(server)
+                    self._discard(server)  # its socket thread ends, dropping model and data
+                if lost:
+                    self._lost[server.address] = time.monotonic()
 
     def _check_scheduler(self, step_key: tuple) -> None:
         """WorkerCrashError, one line, once the client has lost its scheduler."""
@@ -793,25 +801,34 @@ class DaskEngine(Engine):
     def _servers_for_step(self, step_key: tuple) -> list[_Server]:
         """The ChunkServers that compute this step.
 
-        Servers that became ready since the last step join now. The cluster's workers are
-        re-listed (one round trip to the scheduler) when the scheduler announced a change
-        (a worker joined: `_on_event`), every WORKERS_REFRESH_S anyway,
-        or when no server is left: servers of workers that left are dropped, and a server is
-        started on each new worker in the background (`_start_server`), joining a later step
-        once it is ready. Only with no server at all does the step wait (for the first ready
-        one, up to `connect_timeout`)."""
+        Servers that became ready since the last step join now; those whose worker is gone
+        (connection ended, or no longer listed by the scheduler) are dropped. The cluster's
+        workers are re-listed (one round trip to the scheduler, and the submission of a
+        ChunkServer to each new worker, `_start_server`) when the scheduler announced a
+        change (a worker joined: `_on_event`) and every WORKERS_REFRESH_S anyway: in a
+        thread of its own while servers are left (the step does not wait for it: it took
+        2-4 ms here, a third of an mnist_cnn step), in the step itself when none is left or a
+        worker was just lost. A new server joins the first step after it is ready. Only with
+        no server at all does the step wait (for the first ready one, up to
+        `connect_timeout`)."""
         self._adopt_ready()
-        self._drop_servers([s for s in self._servers if s.sock is not None and _hung_up(s.sock)])
+        self._drop_servers([s for s in self._servers if s.sock is not None and _hung_up(s.sock)
+                            or self._listed is not None and s.address not in self._listed])
         stale = time.monotonic() - self._servers_time > WORKERS_REFRESH_S
-        if self._servers and not stale and not self._membership_changed:
+        if self._servers and not self._relist_now:
+            if stale or self._membership_changed:
+                self._relist_in_background(step_key)
             return self._servers
+        self._join_relister()
+        stale = True
         starting = not self._servers  # then wait for all the servers being started
         deadline = time.monotonic() + self.connect_timeout
         while True:
             self._check_scheduler(step_key)
             if self._membership_changed or stale or not (self._servers or self._pending):
                 self._relist_workers(step_key)
-                stale = False
+                self._drop_servers([s for s in self._servers if s.address not in self._listed])
+                stale = self._relist_now = False
             if self._servers and (not starting or not self._pending
                                   or time.monotonic() > deadline):
                 return self._servers
@@ -835,13 +852,15 @@ class DaskEngine(Engine):
             if len(self._servers) >= n_workers or time.monotonic() > deadline:
                 return len(self._servers)
             if not self._pending:
+                self._join_relister()
                 self._relist_workers(("wait_for_servers",))
+                self._drop_servers([s for s in self._servers if s.address not in self._listed])
             self.check_interrupt()
             time.sleep(WAIT_SLICE_S / 10)
 
     def _relist_workers(self, step_key: tuple) -> None:
-        """Ask the scheduler for its workers; drop the servers of those gone, start servers
-        on the new ones (in the background)."""
+        """Ask the scheduler for its workers (`self._listed`: the steps' thread drops the
+        servers of those gone); start servers on the new ones (in the background)."""
         self._membership_changed = False
         try:
             workers = set(self._client.nthreads())  # one round trip to the scheduler
@@ -849,13 +868,36 @@ class DaskEngine(Engine):
             self._check_scheduler(step_key)
             raise WorkerCrashError(f"The Dask scheduler at {self.address} did not answer "
                                    f"at step key {step_key} ({exc}).") from None
-        self._lost = {address: when for address, when in self._lost.items()
-                      if address in workers and time.monotonic() - when < LOST_WORKER_S}
-        self._drop_servers([s for s in self._servers if s.address not in workers])
-        known = {s.address for s in self._servers} | set(self._lost) | set(self._pending)
-        for address in sorted(workers - known):
-            self._start_server(address)
+        with self._pool_lock:
+            self._listed = workers
+            self._lost = {address: when for address, when in self._lost.items()
+                          if address in workers and time.monotonic() - when < LOST_WORKER_S}
+            known = {s.address for s in self._servers} | set(self._lost) | set(self._pending)
+            for address in sorted(workers - known):
+                self._start_server(address)
         self._servers_time = time.monotonic()
+
+    def _relist_in_background(self, step_key: tuple) -> None:
+        """`_relist_workers` in a thread of its own (one at a time). A failure is left for
+        the next steps: the workers stay due for a re-listing, and a lost scheduler is
+        reported by the next step's `_check_scheduler`."""
+        if self._relister is not None and self._relister.is_alive():
+            return
+
+        def relist():
+            try:
+                self._relist_workers(step_key)
+            except Exception:
+                self._membership_changed = True  # (retried at the next step)
+
+        self._relister = threading.Thread(target=relist, name="partrain-relist", daemon=True)
+        self._relister.start()
+
+    def _join_relister(self) -> None:
+        """Wait for a re-listing in the background to end (bounded by `connect_timeout`)."""
+        if self._relister is not None:
+            self._relister.join(self.connect_timeout)
+            self._relister = None
 
     def _on_event(self, event) -> None:
         """Called by the client, on its event loop, when a worker joined (an event of our
@@ -906,40 +948,41 @@ class DaskEngine(Engine):
             self._ready.put((address, exc))
 
     def _adopt_ready(self) -> None:
-        """Move the servers that became ready into the pool (never waits). A server that
+        """Move the servers that became ready into the pool (never waits for them). A server that
         failed to start is skipped (its worker is not used for LOST_WORKER_S), with a warning
         once a pool exists; the exception of a server that raised itself (e.g. a module it
         cannot import) is raised when no server runs."""
-        while True:
-            try:
-                ready = self._ready.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(ready, _Server):
-                if self._pending.pop(ready.address, None) is not ready.future \
-                        or self._client is None:
-                    self._discard(ready)  # (started for a training set bound since)
+        with self._pool_lock:  # (held by a re-listing while it submits servers)
+            while True:
+                try:
+                    ready = self._ready.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(ready, _Server):
+                    if self._pending.pop(ready.address, None) is not ready.future \
+                            or self._client is None:
+                        self._discard(ready)  # (started for a training set bound since)
+                        continue
+                    self._servers.append(ready)
+                    self._servers.sort(key=lambda s: s.address)
                     continue
-                self._servers.append(ready)
-                self._servers.sort(key=lambda s: s.address)
-                continue
-            address, exc = ready
-            future = self._pending.pop(address, None)
-            if future is None:
-                continue
-            future.release()
-            self._lost[address] = time.monotonic()
-            if self._client is None:  # (closing)
-                continue
-            if future.status == "error" and not self._servers and not self._pending:
-                raise exc  # the server's own exception, e.g. ModuleNotFoundError
-            if future.status == "error" or self.transport == "socket":
-                warnings.warn(
-                    f"Cannot start or reach the partrain ChunkServer on the Dask worker at "
-                    f"{address} ({type(exc).__name__}: {exc}); that worker is not used."
-                    + (" With backend_options={'transport': 'actor'} steps travel through "
-                       "Dask instead." if self.transport == "socket" else ""),
-                    RuntimeWarning, stacklevel=3)
+                address, exc = ready
+                future = self._pending.pop(address, None)
+                if future is None:
+                    continue
+                future.release()
+                self._lost[address] = time.monotonic()
+                if self._client is None:  # (closing)
+                    continue
+                if future.status == "error" and not self._servers and not self._pending:
+                    raise exc  # the server's own exception, e.g. ModuleNotFoundError
+                if future.status == "error" or self.transport == "socket":
+                    warnings.warn(
+                        f"Cannot start or reach the partrain ChunkServer on the Dask worker at "
+                        f"{address} ({type(exc).__name__}: {exc}); that worker is not used."
+                        + (" With backend_options={'transport': 'actor'} steps travel through "
+                           "Dask instead." if self.transport == "socket" else ""),
+                        RuntimeWarning, stacklevel=3)
 
     @staticmethod
     def _discard(server: _Server) -> None:
@@ -975,7 +1018,7 @@ class DaskEngine(Engine):
             except _WorkerLost as lost:
                 failures += 1
                 self._check_scheduler(step_key)
-                self._servers_time = -np.inf  # list the workers again before the re-run
+                self._relist_now = True  # list the workers again before the re-run
                 if failures > self.max_restarts:
                     raise WorkerCrashError(
                         f"The Dask cluster at {self.address} lost workers {failures} times in a "
@@ -1128,6 +1171,7 @@ class DaskEngine(Engine):
     def close(self, kill: bool = False) -> None:
         """Release the servers and data; close the client and cluster created here
         (idempotent). `kill` changes nothing: a step in progress on a worker finishes there."""
+        self._join_relister()
         client, cluster, self._client, self._cluster = self._client, self._cluster, None, None
         for server in self._servers:  # each server's socket thread ends now, dropping its
             if server.sock is not None:  # model and data (not whenever the socket is collected)
