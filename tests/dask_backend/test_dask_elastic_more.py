@@ -1,4 +1,4 @@
-"""Workers that come and go (issue 25), the remaining cases: a worker joining while a step is
+"""Workers that come and go, the remaining cases: a worker joining while a step is
 in flight, a worker killed (SIGKILL) in the middle of a step and not replaced, and
 `cluster.adapt` on a scheduler given by address. Parameters bit-identical to `n_jobs=1` in
 each case; nothing of partrain left on the surviving workers after `close()`.
@@ -25,7 +25,7 @@ import pytest
 distributed = pytest.importorskip(
     "distributed", reason="backend='dask' needs dask[distributed] (pip install 'partrain[dask]')")
 
-from conftest import make_data, subprocess_env  # noqa: E402
+from conftest import TESTS, make_data, subprocess_env  # noqa: E402
 
 from partrain import Callback, Trainer  # noqa: E402
 from partrain.layers import Dense, Flatten, Layer, ReLU, register_layer  # noqa: E402
@@ -186,7 +186,8 @@ def lone_worker(tmp_path):
 
     def start(address: str) -> subprocess.Popen:
         env = subprocess_env()
-        env["PYTHONPATH"] += os.pathsep + str(Path(__file__).parent)  # (this module)
+        # this module, and the tests folder whose conftest it imports
+        env["PYTHONPATH"] += os.pathsep.join(["", str(Path(__file__).parent), str(TESTS)])
         proc = subprocess.Popen(
             [sys.executable, "-m", "distributed.cli.dask_worker", address, "--no-nanny",
              "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"],
