@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 import numpy as np
 
 from partrain import Sequential, Trainer, optim
 from partrain.callbacks import EpochSummary
-from partrain.console import warnings_as_notes
 from partrain.parallel import ParallelismWarning
 from partrain.trainer import DEFAULT_VALIDATION_SPLIT, validation_split_point
 
@@ -72,15 +72,24 @@ def fit_timed(model: Sequential, x_train: np.ndarray, y_train: np.ndarray,
     set); return the trainer and the wall seconds."""
     t0 = time.perf_counter()
     optimizer = optim.Adam(defaults["lr"]) if optimizer is None else optimizer
-    with warnings_as_notes(ParallelismWarning):  # one "note:" line each, as the CLI
+    with warnings.catch_warnings():  # said below, in this script's own options
+        warnings.simplefilter("ignore", ParallelismWarning)
         trainer = Trainer(model, optimizer, n_jobs=args.n_jobs, seed=args.seed,
                           batch_size=defaults["batch_size"], chunk_size=args.chunk_size,
                           lr_schedule=lr_schedule, progress=not args.quiet)
+    for note in trainer.plan.notes("--chunk-size {}", "a batch of {}"):
+        print(f"note: {note}", file=sys.stderr)
     with trainer:
         trainer.fit(x_train, y_train, epochs=args.epochs,
                     validation_split=args.validation_split,
                     callbacks=[EpochSummary(args.epochs, args.quiet)])
     return trainer, time.perf_counter() - t0
+
+
+def processes_used(trainer: Trainer) -> str:
+    """'n_jobs=2: 1 process' for the result line: what was asked for and what computed."""
+    n = trainer.plan.processes
+    return f"n_jobs={trainer.n_jobs}: {n} process{'es' * (n > 1)}"
 
 
 def fail(prog: str, exc: Exception) -> int:

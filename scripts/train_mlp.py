@@ -23,6 +23,7 @@ from _tutorial_run import (
     check_limit,
     fail,
     fit_timed,
+    processes_used,
     save_if_asked,
     split_sizes,
 )
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     _, test_acc = model.evaluate(data.x_test, data.y_test)
     verdict = "both above" if min(train_acc, test_acc) > EXPECTED else "NOT both above"
     print(f"train accuracy {train_acc:.4f}  test accuracy {test_acc:.4f}  wall time {wall:.1f} s "
-          f"(n_jobs={trainer.n_jobs}); {verdict} the assignment's {EXPECTED:.0%}")
+          f"({processes_used(trainer)}); {verdict} the assignment's {EXPECTED:.0%}")
     save_if_asked(model, args.save)
     return 0
 

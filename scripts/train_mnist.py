@@ -39,6 +39,7 @@ from _tutorial_run import (
     check_limit,
     fail,
     fit_timed,
+    processes_used,
     save_if_asked,
     split_sizes,
 )
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
     except LOAD_ERRORS as exc:
         return fail("train_mnist.py", exc)
     _, test_acc = model.evaluate(data.x_test, data.y_test)
-    print(f"test accuracy {test_acc:.4f}  wall time {wall:.1f} s (n_jobs={trainer.n_jobs})")
+    print(f"test accuracy {test_acc:.4f}  wall time {wall:.1f} s ({processes_used(trainer)})")
     print(f"This run trained on {split_sizes(len(x_train), args.validation_split)} images of "
           f"{data.name}; for reference, on MNIST's training images {TUTORIAL}.")
     save_if_asked(model, args.save)

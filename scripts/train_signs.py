@@ -26,6 +26,7 @@ from _tutorial_run import (
     check_limit,
     fail,
     fit_timed,
+    processes_used,
     save_if_asked,
 )
 
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     _, train_acc = model.evaluate(x_train[:n_train], y_train[:n_train])  # the images trained on
     _, test_acc = model.evaluate(x_test, y_test)
     print(f"train accuracy {train_acc:.4f}  test accuracy {test_acc:.4f}  "
-          f"wall time {wall:.1f} s (n_jobs={trainer.n_jobs})")
+          f"wall time {wall:.1f} s ({processes_used(trainer)})")
     save_if_asked(model, args.save)
     return 0
 

@@ -3,14 +3,17 @@ dataset a command names, the reference network for it, the Dask scheduler addres
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
+import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from .. import zoo
-from ..console import warnings_as_notes
 from ..data import DataWarning, load_dataset
 from ..model import Sequential
 
@@ -95,3 +98,18 @@ def scheduler_address(args) -> str | None:
                              "(TLS needs security settings: pass a distributed.Client to "
                              "Trainer(scheduler=...) in Python)")
     return args.scheduler
+
+
+@contextlib.contextmanager
+def warnings_as_notes(category: type[Warning]) -> Iterator[None]:
+    """Within the block, every warning of `category` (all of them, even repeats) is printed
+    on stderr as one `note: ...` line when the block ends; other warnings are shown as usual."""
+    with warnings.catch_warnings(record=True) as noticed:
+        warnings.simplefilter("always", category)
+        yield
+    for warning in noticed:
+        if issubclass(warning.category, category):
+            print(f"note: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename,
+                                 warning.lineno)
