@@ -383,12 +383,14 @@ class LokyEngine(Engine):
     def _check_workers(self) -> None:
         """While waiting: stop on an interrupt; raise a worker's own exception as itself."""
         self.check_interrupt()
-        self._serve_again_where_idle()  # a task that went idle as this step was published
-        for future in self._serving:
+        for rank, future in enumerate(self._serving, start=1):  # one pass: this runs per poll
             if future.done():
+                exc = future.exception()
+                if exc is None:  # the task went idle as this step was published: serve again
+                    self._serving[rank - 1] = self._pool.submit(serve, self._session, rank)
+                    continue
                 from joblib.externals.loky.process_executor import BrokenProcessPool
 
-                exc = future.exception()
                 if isinstance(exc, BrokenProcessPool):
                     raise _WorkerDied(str(exc).split("\n")[0])
                 future.result()  # the worker's exception, its traceback as the cause
